@@ -201,7 +201,10 @@ class GPT(nn.Module):
             if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
                 raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint (no config/model)")
             model = cls(GPTConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as e:
+                raise ValueError(f"{name_or_path} does not match its own config: {str(e).splitlines()[1].strip()}") from None
             return model
         if not os.path.isdir(name_or_path):
             if name_or_path not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):

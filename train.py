@@ -1,0 +1,279 @@
+"""
+train.py: one script for every way of adapting a model (Adila et al., 2026, THEORY §2, §3, §7).
+
+    python train.py --mode pretrain     # the base model, on the built-in corpus (flat ListOps)
+    python train.py --mode weight       # full fine-tuning (--lora-rank 0) or LoRA (--lora-rank r)
+    python train.py --mode activation   # a shift at --site (default block_out = post-block)
+    python train.py --mode joint        # LoRA + post-block shifts, kept orthogonal (THEORY §7)
+
+An adaptation mode whose --init is the built-in base checkpoint pretrains it first if it is
+missing. Writes results.json, loss.png and the trained tensors into --out-dir.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import nanosteer
+from model import GPT, GPTConfig, SITES
+from tasks import TASKS, exact_match, get_tokenizer, load_jsonl, make_splits, pack
+
+BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
+DEFAULT_TASK = "boolq"
+# learning rates per kind of trainable tensor (the paper sweeps steering 5e-4..5e-3,
+# LoRA 5e-5..1.5e-3, full fine-tuning 5e-6..1e-4 for 1B-8B models; a 1M model takes larger ones)
+DEFAULT_LR = {"pretrain": 3e-3, "full": 1e-3, "lora": 3e-3, "shift": 1e-2}
+DEFAULT_STEPS = {"pretrain": 1500, "weight": 600, "activation": 600, "joint": 600}
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain, fine-tune, steer, or do both at once.")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--mode", default="joint", choices=["pretrain", "weight", "activation", "joint"],
+                   help="pretrain the base model, or adapt it through weights, activations or both")
+    g.add_argument("--task", default=None, help=f"built-in task: {', '.join(TASKS)} (default: pretrain "
+                   f"for --mode pretrain, else {DEFAULT_TASK})")
+    g.add_argument("--data", default=None, help="your own task instead: a JSONL file of "
+                   '{"prompt": ..., "completion": ...} lines')
+    g.add_argument("--init", default=BASE_CHECKPOINT, help="model to adapt: a checkpoint file, a "
+                   "Hugging Face GPT-2 directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
+    g = p.add_argument_group("activation shifts (activation and joint modes)")
+    g.add_argument("--site", default="block_out", help=f"where to steer: {', '.join(SITES)}, or the "
+                   "paper's names pre_mlp, post_mlp, post_block")
+    g.add_argument("--adapter", default="linear", help="kind of shift: vector, linear, nonlinear, reft")
+    g.add_argument("--rank", type=int, default=4, help="rank r of the shift (ignored by vector)")
+    g.add_argument("--act", default="silu", help="σ of the nonlinear shift: silu, relu, gelu, tanh")
+    g.add_argument("--layers", default=None, help="comma-separated layers to steer (default: all)")
+    g = p.add_argument_group("weight updates (weight and joint modes)")
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning "
+                   "(weight mode only; default 8 for weight, 4 for joint)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale is alpha/rank (default alpha = 2·rank)")
+    g.add_argument("--ortho-every", type=int, default=1, help="joint: re-apply the orthogonality "
+                   "constraint every k steps (0 = off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEFAULT_STEPS})")
+    g.add_argument("--batch-size", type=int, default=256, help="examples per step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the shifts (or of the "
+                   "weights in pretrain / full fine-tuning)")
+    g.add_argument("--lora-lr", type=float, default=None, help=f"peak learning rate of LoRA (default {DEFAULT_LR['lora']})")
+    g.add_argument("--n-train", type=int, default=20000, help="built-in tasks: number of training examples")
+    g.add_argument("--log-every", type=int, default=50, help="print a log line every k steps")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
+    g.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None,
+                   help="where results go (default out/base for pretrain, else out/<mode>-<task>)")
+    return p.parse_args(argv)
+
+
+def resolve_args(args):
+    """Fill defaults that depend on other arguments and reject bad values, before any work."""
+    if args.task is None:
+        args.task = "pretrain" if args.mode == "pretrain" else DEFAULT_TASK
+    if args.data is None and args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
+    if args.data is not None:
+        args.task = os.path.splitext(os.path.basename(args.data))[0]
+    args.site = nanosteer.resolve_site(args.site)
+    if args.adapter not in nanosteer.SHIFTS:
+        raise ValueError(f"unknown adapter {args.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
+    if args.act not in nanosteer.ACTIVATIONS:
+        raise ValueError(f"unknown activation {args.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
+    if args.rank <= 0:
+        raise ValueError(f"--rank must be positive, got {args.rank}")
+    if args.lora_rank is None:
+        args.lora_rank = {"weight": 8, "joint": 4}.get(args.mode, 0)
+    if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
+        raise ValueError(f"--lora-rank {args.lora_rank} is invalid: joint mode needs a LoRA rank ≥ 1")
+    if args.mode == "joint" and args.site != "block_out":
+        raise ValueError("joint mode steers block_out (THEORY §7): drop --site or set it to block_out")
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.mode]
+    if args.steps <= 0 or args.batch_size <= 0:
+        raise ValueError("--steps and --batch-size must be positive")
+    if args.layers is not None:
+        try:
+            args.layers = [int(s) for s in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else DEFAULT_LR["full"]
+    uses_shifts = args.mode in ("activation", "joint")
+    args.lr = args.lr or (DEFAULT_LR["shift"] if uses_shifts else weights_lr)
+    args.lora_lr = args.lora_lr or DEFAULT_LR["lora"]
+    if args.out_dir is None:
+        args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
+    if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
+            and not args.init.startswith("gpt2"):
+        raise ValueError(f"--init {args.init} does not exist: give a checkpoint file or a GPT-2 directory")
+    return args
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} is not available on this machine: use --device cpu")
+    return name
+
+# ---------------------------------------------------------------------------------------------
+# building the model to train
+
+
+def build_model(args, device, model=None):
+    """The model (loaded from --init unless given), with exactly the tensors that this mode
+    trains left trainable."""
+    torch.manual_seed(args.seed)
+    if args.mode == "pretrain":
+        return GPT(GPTConfig()).to(device)
+    model = GPT.from_pretrained(args.init).to(device) if model is None else model
+    if args.mode == "weight" and args.lora_rank == 0:
+        return model                                        # full fine-tuning: everything trains
+    nanosteer.freeze(model)
+    if args.mode in ("weight", "joint"):
+        nanosteer.lora(model, args.lora_rank, args.lora_alpha)
+    if args.mode in ("activation", "joint"):
+        nanosteer.steer(model, args.site, args.adapter, args.rank, args.layers, args.act)
+    return model
+
+
+def make_optimizer(model, args):
+    """AdamW with one parameter group per kind of trainable tensor, each with its own lr."""
+    lora_ids = {id(m.lora_A) for m in model.modules() if isinstance(m, nanosteer.LoRALinear)} | \
+               {id(m.lora_B) for m in model.modules() if isinstance(m, nanosteer.LoRALinear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in trainable if id(p) not in lora_ids], lr=args.lr),
+              dict(params=[p for p in trainable if id(p) in lora_ids], lr=args.lora_lr)]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def lr_factor(step, steps, warmup=50):
+    """Linear warmup, then a cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+@torch.no_grad()
+def evaluate(model, x, y, device, autocast, batch_size=250):
+    """Exact-match accuracy of greedy generation (see tasks.exact_match), one example per row."""
+    model.eval()
+    hits = []
+    for i in range(0, len(x), batch_size):
+        with autocast:
+            logits, _ = model(x[i:i + batch_size].to(device))
+        hits.append(exact_match(logits, y[i:i + batch_size].to(device)))
+    model.train()
+    return torch.cat(hits).float().mean().item()
+
+
+def train(args):
+    device = pick_device(args.device)
+    splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train)
+    if args.mode != "pretrain" and args.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
+        build_model(args, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
+        print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")
+        train(resolve_args(parse_args(["--mode", "pretrain", "--device", args.device])))
+        print(f"\nbase model ready; now {args.mode} adaptation on {args.task}")
+    model = build_model(args, device)
+    enc = get_tokenizer("bytes" if model.config.vocab_size == 257 else "gpt2")
+    block = model.config.block_size
+    train_x, train_y = pack(splits["train"], enc, block)
+    test_x, test_y = pack(splits["test"], enc, block)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
+    optimizer = make_optimizer(model, args)
+    params = nanosteer.report(model)
+
+    base_accuracy = evaluate(runner, test_x, test_y, device, autocast)
+    print(f"{args.mode} on {args.task}: {len(train_x)} training rows, {args.steps} steps, device {device}, "
+          f"trainable {params['trainable']:,} of {params['base_params']:,} ({params['pct']:.2f}%), "
+          f"accuracy before {base_accuracy:.1%}")
+    batches = torch.Generator().manual_seed(args.seed)
+    losses, t0 = [], time.time()
+    for step in range(args.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * lr_factor(step, args.steps)
+        rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
+        with autocast:
+            _, loss = runner(train_x[rows].to(device), train_y[rows].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if args.mode == "joint" and args.ortho_every and (step + 1) % args.ortho_every == 0:
+            nanosteer.orthogonalize(model)
+        losses.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps - 1:
+            elapsed = time.time() - t0
+            eta = elapsed / (step + 1) * (args.steps - step - 1)
+            print(f"step {step:5d} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
+                  f"{1000 * elapsed / (step + 1):4.0f} ms | eta {eta:4.0f} s")
+    train_seconds = time.time() - t0
+    accuracy = evaluate(runner, test_x, test_y, device, autocast)
+
+    results = dict(mode=args.mode, task=args.task, site=args.site if args.mode in ("activation", "joint") else None,
+                   adapter=args.adapter if args.mode in ("activation", "joint") else None,
+                   rank=args.rank, lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy,
+                   base_accuracy=base_accuracy, trainable_params=params["trainable"],
+                   total_params=params["base_params"], trainable_pct=params["pct"],
+                   train_seconds=train_seconds, steps=args.steps, device=device, init=args.init)
+    write_outputs(model, args, results, losses)
+    print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
+          f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")
+    print(f"wrote {args.out_dir}/results.json, loss.png and {'model.pt' if save_full(args) else 'adapters.pt'}")
+    return results
+
+
+def save_full(args):
+    return args.mode == "pretrain" or (args.mode == "weight" and args.lora_rank == 0)
+
+
+def write_outputs(model, args, results, losses):
+    """Each file is written to a temporary name first and then renamed over the old one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(args.out_dir, exist_ok=True)
+    if save_full(args):
+        model.save(os.path.join(args.out_dir, "model.pt"), tokenizer="bytes" if model.config.vocab_size == 257 else "gpt2")
+    else:
+        nanosteer.save(model, os.path.join(args.out_dir, "adapters.pt"))
+    path = os.path.join(args.out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.8)
+    ax.set(xlabel="step", ylabel="loss (completion tokens)", yscale="log",
+           title=f"{args.mode} on {args.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out_dir, "loss.png.tmp.png"), dpi=100)
+    os.replace(os.path.join(args.out_dir, "loss.png.tmp.png"), os.path.join(args.out_dir, "loss.png"))
+    plt.close(fig)
+
+
+def main(argv=None):
+    try:
+        return train(resolve_args(parse_args(argv)))
+    except ValueError as e:  # every user error is raised as a ValueError with a one-line message
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The places inside a block where a shift can be added, in the order the data flows through them.
+# The places inside a block where a shift can be added, in the order the data flows through them,
+# and the paper's names for three of them (pre-MLP, post-MLP, post-block).
 SITES = ("attn_out", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "block_out")
+ALIASES = {"pre_mlp": "attn_out", "post_mlp": "mlp_out", "post_block": "block_out"}  # the paper's names
+
+
+def resolve_site(site):
+    """A site name or one of the paper's aliases -> the site name."""
+    site = ALIASES.get(site, site)
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}: choose one of {', '.join(SITES)} "
+                         f"(or the paper's names {', '.join(ALIASES)})")
+    return site
+
+
+def check_layers(model, layers):
+    """None -> every layer; an int or a list of ints -> that list, if those layers exist."""
+    n_layer = model.config.n_layer
+    layers = range(n_layer) if layers is None else [layers] if isinstance(layers, int) else layers
+    bad = [layer for layer in layers if not 0 <= layer < n_layer]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or list(layers)} do not exist: this model has layers 0..{n_layer - 1}")
+    return list(layers)
 
 
 @dataclass
@@ -73,8 +94,9 @@ class CausalSelfAttention(nn.Module):
 
 
 def gelu(u):
-    # GPT-2's GELU, the tanh approximation: 0.5 u (1 + tanh(sqrt(2/π) (u + 0.044715 u³)))
-    return 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+    # GPT-2's GELU, the tanh approximation: 0.5 u (1 + tanh(sqrt(2/π) (u + 0.044715 u³))).
+    # torch's fused kernel computes exactly this formula (tests/test_model.py checks it), faster.
+    return F.gelu(u, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -147,14 +169,18 @@ class GPT(nn.Module):
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
 
+    def embed(self, idx):
+        """Token plus position embeddings: the residual stream entering block 0."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab). With targets (B, T), also the mean
         cross-entropy over the positions whose target is not -1."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.embed(idx)                                              # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))                  # (B, T, vocab)

@@ -1,11 +1,7 @@
 """
 nanosteer.py: what you can put into a slot (an activation shift) or onto a weight (LoRA).
-
-Adila et al., 2026, "Weight Updates as Activation Shifts: A Principled Framework for Steering":
-the shifts of THEORY §2, LoRA as the exact bridge of §3, the joint constraint of §7, and the
-tools to look inside (capture, oracle shifts, a parameter report, tiny adapter files).
-Every adapter starts as an exact no-op: U = 0, v = 0, LoRA's B = 0, ReFT's W = R.
-Imports only model.py.
+Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the bridge
+of §3), the joint constraint of §7, capture, oracle shifts, a report, tiny adapter files.
 """
 import math
 import os
@@ -16,31 +12,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import SITES, Slot
+from model import SITES, Slot, check_layers, resolve_site
 
-ALIASES = {"pre_mlp": "attn_out", "post_mlp": "mlp_out", "post_block": "block_out"}  # the paper's names
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 # ---------------------------------------------------------------------------------------------
 # activation shifts Δ(s) for an activation s of width n (THEORY §2); a Slot adds them: s + Δ(s)
 
-
 class VectorShift(nn.Module):
-    """Δ(s) = v, the same vector for every token. n parameters."""
-    kind = "vector"
+    """Δ(s) = v, the same vector for every token. n parameters, v = 0 at init."""
+    kind, rank, act = "vector", 0, None
 
     def __init__(self, n, rank, act):
         super().__init__()
-        self.rank, self.act = 0, None
         self.v = nn.Parameter(torch.zeros(n))
 
     def forward(self, s):
-        return self.v  # broadcasts over (B, T)
-
+        return self.v                           # broadcasts over (B, T)
 
 class LinearShift(nn.Module):
-    """Δ(s) = U D s with D (r×n) reading and U (n×r) writing. 2nr parameters. U = 0 at init, so
-    Δ = 0, while D is random so that U gets a gradient from the first step (as LoRA's A and B)."""
+    """Δ(s) = U D s: D (r×n) reads, U (n×r) writes; 2nr parameters. U = 0 at init, so Δ = 0, and
+    D is random so that U gets a gradient from the first step (as LoRA's A and B)."""
     kind = "linear"
 
     def __init__(self, n, rank, act):
@@ -52,9 +44,8 @@ class LinearShift(nn.Module):
     def forward(self, s):
         return s @ self.D.T @ self.U.T          # (B, T, n) -> (B, T, r) -> (B, T, n)
 
-
 class NonlinearShift(LinearShift):
-    """Δ(s) = U σ(D s), σ = silu by default. 2nr parameters, the same as the linear shift."""
+    """Δ(s) = U σ(D s), σ = silu by default; the same 2nr parameters as the linear shift."""
     kind = "nonlinear"
 
     def __init__(self, n, rank, act):
@@ -64,11 +55,10 @@ class NonlinearShift(LinearShift):
     def forward(self, s):
         return ACTIVATIONS[self.act](s @ self.D.T) @ self.U.T
 
-
 class ReFTShift(nn.Module):
-    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s), R with r orthonormal rows. R is the
-    Q factor of a free matrix, recomputed every call, so it is orthonormal after any optimizer
-    step. W starts equal to R and b at 0, so Δ = 0 at init. 2nr + r parameters."""
+    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s), R with r orthonormal rows: the Q factor
+    of a free matrix, recomputed each call, so it stays orthonormal after any optimizer step.
+    W = R and b = 0 at init, so Δ = 0. 2nr + r parameters."""
     kind = "reft"
 
     def __init__(self, n, rank, act):
@@ -85,85 +75,53 @@ class ReFTShift(nn.Module):
         R = self.R()
         return (s @ self.W.T + self.b - s @ R.T) @ R
 
-
 SHIFTS = {cls.kind: cls for cls in (VectorShift, LinearShift, NonlinearShift, ReFTShift)}
 
-
-def site_width(config, site):
-    return 4 * config.n_embd if site == "mlp_hidden" else config.n_embd
-
-
-def resolve_site(site):
-    site = ALIASES.get(site, site)
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}: choose one of {', '.join(SITES)} "
-                         f"(or the paper's names {', '.join(ALIASES)})")
-    return site
-
-
-def check_layers(model, layers):
-    n_layer = model.config.n_layer
-    layers = list(range(n_layer)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layer]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or layers} do not exist: this model has layers 0..{n_layer - 1}")
-    return layers
-
-
 def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
-    """Put a fresh shift of `kind` into `site` of each chosen layer (all by default) and return
-    the new shift modules. Their parameters are trainable; call freeze(model) first."""
+    """Put a fresh shift of `kind` into `site` of each chosen layer (default all); return the new
+    shifts. Their parameters are trainable; call freeze(model) first to train only them."""
     site = resolve_site(site)
     if kind not in SHIFTS:
         raise ValueError(f"unknown adapter kind {kind!r}: choose one of {', '.join(SHIFTS)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}: choose one of {', '.join(ACTIVATIONS)}")
-    n = site_width(model.config, site)
+    n = 4 * model.config.n_embd if site == "mlp_hidden" else model.config.n_embd
     if kind != "vector" and not 1 <= rank <= n:
         raise ValueError(f"rank {rank} is out of range: it must be between 1 and the width {n} of {site}")
-    device = model.transformer.wte.weight.device
     shifts = []
     for layer in check_layers(model, layers):
         slot = model.transformer.h[layer].slots[site]
         if slot.shift is not None:
             raise ValueError(f"layer {layer} {site} already holds a {slot.shift.kind} shift")
-        slot.shift = SHIFTS[kind](n, rank, act).to(device)
+        slot.shift = SHIFTS[kind](n, rank, act).to(model.lm_head.weight)  # the model's device, dtype
         shifts.append(slot.shift)
     return shifts
 
-
 def freeze(model):
     """Make every parameter present now untrainable (adapters attached later stay trainable)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.requires_grad_(False)
 
 # ---------------------------------------------------------------------------------------------
 # LoRA (Hu et al., 2021): a low-rank update of a weight, THEORY §3
 
-
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha/r) · B A x, with A (r×in) random and B (out×r) zero at init.
-    THEORY §3: the extra term is exactly an activation shift of this layer's output by
-    (alpha/r)·B·A·x, a rank-r linear function of the layer's input. W and b are the original
-    layer's own parameters (same tensors, same names), so the base weights are untouched."""
+    """y = W x + b + (alpha/r)·B A x, A (r×in) random and B (out×r) zero at init. THEORY §3: the
+    extra term is exactly a shift of this layer's output by (alpha/r)·B·A·x, a rank-r linear
+    function of its input. W and b are the original layer's own tensors, left untouched."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        out_features, in_features = linear.weight.shape
-        device = linear.weight.device
-        self.lora_A = nn.Parameter(torch.randn(rank, in_features, device=device) / math.sqrt(in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        out_features, in_features = linear.weight.shape          # .to(): the weight's device and dtype
+        self.lora_A = nn.Parameter((torch.randn(rank, in_features) / math.sqrt(in_features)).to(linear.weight))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank).to(linear.weight))
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
 
-
 def linear_layers(model, layers=None):
-    """Yield (layer, 'attn.c_attn'-style path, parent module, child name, module) for the Linear
-    (or LoRALinear) layers inside the chosen blocks."""
+    """(layer, path 'attn.c_attn', parent, name, module) for each Linear/LoRALinear in the chosen blocks."""
     for layer in check_layers(model, layers):
         block = model.transformer.h[layer]
         for parent_name, parent in (("attn", block.attn), ("mlp", block.mlp)):
@@ -171,11 +129,9 @@ def linear_layers(model, layers=None):
                 if isinstance(child, (nn.Linear, LoRALinear)):
                     yield layer, f"{parent_name}.{name}", parent, name, child
 
-
 def lora(model, rank, alpha=None, targets=("c_attn", "c_proj", "c_fc", "c_gate"), layers=None):
-    """Put LoRA (rank r, scale alpha/r; alpha defaults to 2r) on the Linear layers of each chosen
-    block named in targets ('c_proj' means both attn.c_proj and mlp.c_proj; 'mlp.c_proj' just
-    that one), and return the new LoRALinear modules."""
+    """LoRA of rank r and scale alpha/r (alpha defaults to 2r) on each Linear of the chosen blocks
+    named in targets ('c_proj': attn.c_proj and mlp.c_proj; 'mlp.c_proj': that one only)."""
     alpha = 2 * rank if alpha is None else alpha
     added = []
     for layer, path, parent, name, child in list(linear_layers(model, layers)):
@@ -190,46 +146,38 @@ def lora(model, rank, alpha=None, targets=("c_attn", "c_proj", "c_fc", "c_gate")
         added.append(getattr(parent, name))
     return added
 
-
 @torch.no_grad()
 def merge(model):
     """Fold every LoRA into its weight, W ← W + (alpha/r)·B·A, and put back a plain Linear."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
-            out_features, in_features = child.weight.shape
-            plain = nn.Linear(in_features, out_features, bias=child.bias is not None, device=child.weight.device)
+            plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False).to(child.weight)
             plain.weight.copy_(child.weight + child.scale * child.lora_B @ child.lora_A)
-            if child.bias is not None:
-                plain.bias.copy_(child.bias)
-            plain.requires_grad_(child.weight.requires_grad)
-            setattr(parent, name, plain)
+            plain.bias = child.bias                 # the same bias tensor (or None)
+            setattr(parent, name, plain.requires_grad_(child.weight.requires_grad))
     return model
-
 
 @torch.no_grad()
 def orthogonalize(model, rtol=1e-4):
-    """THEORY §7, joint adaptation: each block's block_out adapter must not READ the directions
-    that the LoRA on that block's mlp.c_proj WRITES into. With V an orthonormal basis of col(B):
-    D ← D (I − V Vᵀ). Singular directions of B below rtol × its largest are skipped, so an all-zero
-    B (step 0) projects nothing. Applies to linear and nonlinear shifts (the ones with a D)."""
+    """THEORY §7: each block's block_out shift must not READ the directions that the LoRA on that
+    block's mlp.c_proj WRITES into. With V an orthonormal basis of col(B): D ← D (I − V Vᵀ).
+    Singular directions below rtol × the largest are skipped, so B = 0 (step 0) projects nothing."""
     for block in model.transformer.h:
         shift, c_proj = block.slots["block_out"].shift, block.mlp.c_proj
         if not isinstance(c_proj, LoRALinear) or not isinstance(shift, LinearShift):
             continue
-        U, S, _ = torch.linalg.svd(c_proj.lora_B.float(), full_matrices=False)
+        U, S, _ = torch.linalg.svd(c_proj.lora_B.double(), full_matrices=False)  # SVD in float64
         V = U[:, S > rtol * S[0]].to(shift.D.dtype)                     # (d, k), k ≤ r
         shift.D -= (shift.D @ V) @ V.T
 
 # ---------------------------------------------------------------------------------------------
 # looking inside: captured activations, oracle shifts, a parameter report
 
-
 @contextmanager
 def capture(model, sites=SITES):
-    """Record each site of each layer during the forward pass run inside the `with`. Afterwards
+    """Record each site of each layer during the forward passes inside the `with`; afterwards
     acts[site][layer] is the (B, T, n) activation the rest of the network saw there."""
-    sites = [resolve_site(s) for s in sites]
-    slots = {site: [block.slots[site] for block in model.transformer.h] for site in sites}
+    slots = {site: [block.slots[site] for block in model.transformer.h] for site in map(resolve_site, sites)}
     acts = {}
     for slot in sum(slots.values(), []):
         slot.recording = True
@@ -241,16 +189,18 @@ def capture(model, sites=SITES):
             for slot in site_slots:
                 slot.recording, slot.activation = False, None
 
-
 @torch.no_grad()
-def oracle(base, tuned, idx, site="block_out"):
-    """THEORY §6: the oracle shift at `site` of every layer, s_tuned − s_base, on tokens idx."""
-    with capture(base, [site]) as before:
-        base(idx)
-    with capture(tuned, [site]) as after:
+def oracle(base, tuned, idx):
+    """THEORY §6: the oracle post-block shifts on tokens idx, layer by layer. Δ_ℓ = z_tuned,ℓ −
+    block_ℓ(z_tuned,ℓ−1), base's block ℓ applied to the tuned residual stream, so adding Δ_ℓ at
+    block_out of every layer of base makes it compute exactly tuned's activations and logits."""
+    with capture(tuned, ["block_out"]) as acts:
         tuned(idx)
-    return [t - s for s, t in zip(before[resolve_site(site)], after[resolve_site(site)])]
-
+    x, deltas = base.embed(idx), []
+    for block, z in zip(base.transformer.h, acts["block_out"]):
+        deltas.append(z - block(x))
+        x = z
+    return deltas
 
 def adapter_parameters(model):
     """{name: parameter} of every shift and LoRA tensor in the model, found by module type."""
@@ -261,7 +211,6 @@ def adapter_parameters(model):
         if isinstance(module, LoRALinear):
             found.update({f"{name}.lora_A": module.lora_A, f"{name}.lora_B": module.lora_B})
     return found
-
 
 def report(model):
     """Trainable parameters split by kind, and their share of the base model's parameters."""
@@ -274,49 +223,38 @@ def report(model):
                 base_params=base, pct=100.0 * trainable / base)
 
 # ---------------------------------------------------------------------------------------------
-# adapter files: only the adapter tensors plus what is needed to rebuild them
-
-
-def adapter_spec(model):
-    spec = []
-    for layer, block in enumerate(model.transformer.h):
-        for site, slot in block.slots.items():
-            if slot.shift is not None:
-                spec.append(dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act))
-    for layer, path, _, _, child in linear_layers(model):
-        if isinstance(child, LoRALinear):
-            spec.append(dict(layer=layer, site=path, kind="lora", rank=child.rank, alpha=child.alpha))
-    return spec
-
+# adapter files: the adapter tensors plus what is needed to rebuild them, nothing of the base
 
 def save(model, path):
-    """Write the adapters (spec + tensors + the base model's config) to path, atomically."""
-    tensors = {k: p.detach().cpu() for k, p in adapter_parameters(model).items()}
-    payload = dict(format="nanosteer-adapters-1", base_config=asdict(model.config),
-                   adapters=adapter_spec(model), tensors=tensors)
+    """Write the adapters (what each is, its tensors, the base model's config) to path, atomically."""
+    spec = [dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act)
+            for layer, block in enumerate(model.transformer.h) for site, slot in block.slots.items()
+            if slot.shift is not None]
+    spec += [dict(layer=layer, site=path, kind="lora", rank=child.rank, alpha=child.alpha)
+             for layer, path, _, _, child in linear_layers(model) if isinstance(child, LoRALinear)]
+    payload = dict(format="nanosteer-adapters-1", base_config=asdict(model.config), adapters=spec,
+                   tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-
 def load(model, path):
     """Rebuild the adapters saved in path on a model with empty slots and no LoRA, and load their
-    tensors. The file must have been made for a model of the same config."""
+    tensors. The model must have the shapes the file was made for."""
     if not os.path.isfile(path):
         raise ValueError(f"adapter file {path} does not exist")
     payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     if not isinstance(payload, dict) or payload.get("format") != "nanosteer-adapters-1":
         raise ValueError(f"{path} is not a nanosteer adapter file")
-    ours = asdict(model.config)
     for key, value in payload["base_config"].items():
-        if ours.get(key) != value:
-            raise ValueError(f"{path} was made for a model with {key}={value}, this model has {key}={ours.get(key)}")
+        if key != "dropout" and getattr(model.config, key, None) != value:  # dropout changes no shape
+            raise ValueError(f"{path} was made for a model with {key}={value}, this model has "
+                             f"{key}={getattr(model.config, key, None)}")
     for a in payload["adapters"]:
         if a["kind"] == "lora":
-            lora(model, a["rank"], a["alpha"], targets=(a["site"],), layers=[a["layer"]])
-        else:
-            steer(model, a["site"], a["kind"], max(a["rank"], 1), [a["layer"]], a["act"] or "silu")
-    params = adapter_parameters(model)
+            lora(model, a["rank"], a["alpha"], targets=(a["site"],), layers=a["layer"])
+        elif a["kind"] in SHIFTS:
+            steer(model, a["site"], a["kind"], max(a["rank"], 1), a["layer"], a["act"] or "silu")
     with torch.no_grad():
-        for k, p in params.items():
+        for k, p in adapter_parameters(model).items():
             p.copy_(payload["tensors"][k])
     return model

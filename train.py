@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 import nanosteer
-from model import GPT, GPTConfig, SITES
+from model import GPT, GPTConfig, SITES, resolve_site
 from tasks import TASKS, exact_match, get_tokenizer, load_jsonl, make_splits, pack
 
 BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
@@ -28,7 +28,7 @@ DEFAULT_TASK = "boolq"
 # learning rates per kind of trainable tensor (the paper sweeps steering 5e-4..5e-3,
 # LoRA 5e-5..1.5e-3, full fine-tuning 5e-6..1e-4 for 1B-8B models; a 1M model takes larger ones)
 DEFAULT_LR = {"pretrain": 3e-3, "full": 1e-3, "lora": 3e-3, "shift": 1e-2}
-DEFAULT_STEPS = {"pretrain": 1500, "weight": 600, "activation": 600, "joint": 600}
+DEFAULT_STEPS = {"pretrain": 500, "weight": 300, "activation": 300, "joint": 300}
 
 # ---------------------------------------------------------------------------------------------
 # arguments
@@ -83,7 +83,7 @@ def resolve_args(args):
         raise ValueError(f"unknown task {args.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
     if args.data is not None:
         args.task = os.path.splitext(os.path.basename(args.data))[0]
-    args.site = nanosteer.resolve_site(args.site)
+    args.site = resolve_site(args.site)
     if args.adapter not in nanosteer.SHIFTS:
         raise ValueError(f"unknown adapter {args.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
     if args.act not in nanosteer.ACTIVATIONS:

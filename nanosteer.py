@@ -23,9 +23,9 @@ class VectorShift(nn.Module):
     """Δ(s) = v, the same vector for every token. n parameters, v = 0 at init."""
     kind, rank, act = "vector", 0, None
 
-    def __init__(self, n, rank, act):
+    def __init__(self, n, rank, act, dtype=None):
         super().__init__()
-        self.v = nn.Parameter(torch.zeros(n))
+        self.v = nn.Parameter(torch.zeros(n, dtype=dtype))
 
     def forward(self, s):
         return self.v                           # broadcasts over (B, T)
@@ -35,11 +35,11 @@ class LinearShift(nn.Module):
     D is random so that U gets a gradient from the first step (as LoRA's A and B)."""
     kind = "linear"
 
-    def __init__(self, n, rank, act):
+    def __init__(self, n, rank, act, dtype=None):
         super().__init__()
         self.rank, self.act = rank, None
-        self.D = nn.Parameter(torch.randn(rank, n) / math.sqrt(n))
-        self.U = nn.Parameter(torch.zeros(n, rank))
+        self.D = nn.Parameter(torch.randn(rank, n, dtype=dtype) / math.sqrt(n))
+        self.U = nn.Parameter(torch.zeros(n, rank, dtype=dtype))
 
     def forward(self, s):
         return s @ self.D.T @ self.U.T          # (B, T, n) -> (B, T, r) -> (B, T, n)
@@ -48,8 +48,8 @@ class NonlinearShift(LinearShift):
     """Δ(s) = U σ(D s), σ = silu by default; the same 2nr parameters as the linear shift."""
     kind = "nonlinear"
 
-    def __init__(self, n, rank, act):
-        super().__init__(n, rank, None)
+    def __init__(self, n, rank, act, dtype=None):
+        super().__init__(n, rank, None, dtype)
         self.act = act
 
     def forward(self, s):
@@ -61,12 +61,12 @@ class ReFTShift(nn.Module):
     W = R and b = 0 at init, so Δ = 0. 2nr + r parameters."""
     kind = "reft"
 
-    def __init__(self, n, rank, act):
+    def __init__(self, n, rank, act, dtype=None):
         super().__init__()
         self.rank, self.act = rank, None
-        self.R_free = nn.Parameter(torch.randn(n, rank) / math.sqrt(n))
-        self.W = nn.Parameter(self.R().detach().clone())
-        self.b = nn.Parameter(torch.zeros(rank))
+        self.R_free = nn.Parameter(torch.randn(n, rank, dtype=dtype) / math.sqrt(n))
+        self.W = nn.Parameter(self.R().detach().clone())     # made in dtype: W = R to the last bit
+        self.b = nn.Parameter(torch.zeros(rank, dtype=dtype))
 
     def R(self):
         return torch.linalg.qr(self.R_free).Q.T     # (r, n), R Rᵀ = I
@@ -88,12 +88,12 @@ def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
     n = 4 * model.config.n_embd if site == "mlp_hidden" else model.config.n_embd
     if kind != "vector" and not 1 <= rank <= n:
         raise ValueError(f"rank {rank} is out of range: it must be between 1 and the width {n} of {site}")
-    shifts = []
+    like, shifts = model.lm_head.weight, []          # new tensors take the model's dtype and device
     for layer in check_layers(model, layers):
         slot = model.transformer.h[layer].slots[site]
         if slot.shift is not None:
             raise ValueError(f"layer {layer} {site} already holds a {slot.shift.kind} shift")
-        slot.shift = SHIFTS[kind](n, rank, act).to(model.lm_head.weight)  # the model's device, dtype
+        slot.shift = SHIFTS[kind](n, rank, act, like.dtype).to(like.device)
         shifts.append(slot.shift)
     return shifts
 

@@ -195,6 +195,7 @@ def train(args):
     block = model.config.block_size
     train_x, train_y = pack(splits["train"], enc, block)
     test_x, test_y = pack(splits["test"], enc, block)
+    val_x, val_y = pack(splits["val"], enc, block)      # for choosing hyperparameters (compare.py)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
     optimizer = make_optimizer(model, args)
@@ -225,11 +226,12 @@ def train(args):
                   f"{1000 * elapsed / (step + 1):4.0f} ms | eta {eta:4.0f} s")
     train_seconds = time.time() - t0
     accuracy = evaluate(runner, test_x, test_y, device, autocast)
+    val_accuracy = evaluate(runner, val_x, val_y, device, autocast)
 
     results = dict(mode=args.mode, task=args.task, site=args.site if args.mode in ("activation", "joint") else None,
                    adapter=args.adapter if args.mode in ("activation", "joint") else None,
                    rank=args.rank, lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy,
-                   base_accuracy=base_accuracy, trainable_params=params["trainable"],
+                   base_accuracy=base_accuracy, val_accuracy=val_accuracy, trainable_params=params["trainable"],
                    total_params=params["base_params"], trainable_pct=params["pct"],
                    train_seconds=train_seconds, steps=args.steps, device=device, init=args.init)
     write_outputs(model, args, results, losses)

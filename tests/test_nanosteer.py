@@ -432,3 +432,83 @@ def test_adapter_file_is_tiny_and_holds_only_adapter_tensors(tmp_path):
     assert all(".shift." in k for k in tensors)
     assert sum(t.numel() for t in tensors.values()) == 2 * 128 * 4 * 4 == report(model)["trainable"]
     assert payload["adapters"][0] == dict(layer=0, site="block_out", kind="linear", rank=4, act=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# oracle shifts (THEORY §6), other dtypes, loading across dropout
+
+
+class Constant(nn.Module):
+    """A slot content that adds a fixed tensor: used to replay oracle shifts."""
+
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, s):
+        return self.delta
+
+
+def test_adding_the_oracle_at_every_layer_reproduces_the_tuned_model():
+    config = tiny_config(n_layer=3)
+    base, tuned = random_model(config), random_model(config)
+    with torch.no_grad():                        # fine-tune every block weight (embeddings stay)
+        for p in tuned.transformer.h.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    idx = tokens(config)
+    deltas = nanosteer.oracle(base, tuned, idx)
+    assert [d.shape for d in deltas] == [(2, 12, config.n_embd)] * 3
+    for block, delta in zip(base.transformer.h, deltas):
+        block.slots["block_out"].shift = Constant(delta)
+    gap = (logits_of(base, idx) - logits_of(tuned, idx)).abs().max()
+    assert gap < 1e-5
+    # the naive difference of the two runs' block outputs does NOT replay beyond layer 0
+    with capture(tuned, ["block_out"]) as t:
+        tuned(idx)
+    for block in base.transformer.h:
+        block.slots["block_out"].shift = None
+    with capture(base, ["block_out"]) as b:
+        base(idx)
+    naive = [zt - zb for zt, zb in zip(t["block_out"], b["block_out"])]
+    torch.testing.assert_close(naive[0], deltas[0])
+    assert (naive[2] - deltas[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapters_take_the_model_dtype_and_merge_keeps_it(kind):
+    config = tiny_config()
+    model = random_model(config).double()
+    idx = tokens(config)
+    before = logits_of(model, idx)
+    shifts = steer(model, "block_out", kind, rank=3)
+    loras = lora(model, 2, alpha=3.0)
+    assert all(p.dtype == torch.float64 for s in shifts for p in s.parameters())
+    assert all(l.lora_A.dtype == l.lora_B.dtype == torch.float64 for l in loras)
+    torch.testing.assert_close(logits_of(model, idx), before, rtol=0, atol=1e-12)
+    randomize([l.lora_B for l in loras])
+    unmerged = logits_of(model, idx)
+    merge(model)
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.float64
+    torch.testing.assert_close(logits_of(model, idx), unmerged, rtol=0, atol=1e-10)
+
+
+def test_orthogonalize_in_float64_reaches_float64_precision():
+    model = random_model(tiny_config()).double()
+    shifts, loras = steer(model, "block_out", "linear", 3), lora(model, 3, targets=("mlp.c_proj",))
+    randomize([l.lora_B for l in loras])
+    orthogonalize(model)
+    for s, l in zip(shifts, loras):
+        V = torch.linalg.qr(l.lora_B).Q
+        assert (s.D @ V).abs().max() < 1e-12
+
+
+def test_layers_may_be_one_int_and_load_ignores_dropout(tmp_path):
+    model = random_model(tiny_config())
+    (shift,) = steer(model, "mlp_out", "linear", 2, layers=1)
+    randomize([shift.U])
+    nanosteer.save(model, str(tmp_path / "a.pt"))
+    other = random_model(tiny_config(dropout=0.1))
+    other.load_state_dict(model.state_dict(), strict=False)
+    nanosteer.load(other.eval(), str(tmp_path / "a.pt"))
+    idx = tokens(tiny_config())
+    torch.testing.assert_close(logits_of(other, idx), logits_of(model, idx))

@@ -228,12 +228,13 @@ def train(args):
     accuracy = evaluate(runner, test_x, test_y, device, autocast)
     val_accuracy = evaluate(runner, val_x, val_y, device, autocast)
 
-    results = dict(mode=args.mode, task=args.task, site=args.site if args.mode in ("activation", "joint") else None,
-                   adapter=args.adapter if args.mode in ("activation", "joint") else None,
-                   rank=args.rank, lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy,
-                   base_accuracy=base_accuracy, val_accuracy=val_accuracy, trainable_params=params["trainable"],
-                   total_params=params["base_params"], trainable_pct=params["pct"],
-                   train_seconds=train_seconds, steps=args.steps, device=device, init=args.init)
+    steers = args.mode in ("activation", "joint")                 # fields that do not apply are null
+    results = dict(mode=args.mode, task=args.task, site=args.site if steers else None,
+                   adapter=args.adapter if steers else None, rank=args.rank if steers else None,
+                   lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy, base_accuracy=base_accuracy,
+                   val_accuracy=val_accuracy, trainable_params=params["trainable"],
+                   total_params=params["base_params"], trainable_pct=params["pct"], train_seconds=train_seconds,
+                   steps=args.steps, device=device, init=None if args.mode == "pretrain" else args.init)
     write_outputs(model, args, results, losses)
     print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")

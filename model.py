@@ -223,7 +223,10 @@ class GPT(nn.Module):
         (config.json + model.safetensors or pytorch_model.bin), or one of the names gpt2,
         gpt2-medium, gpt2-large, gpt2-xl (downloaded once into ~/.cache/nanosteer)."""
         if os.path.isfile(name_or_path):
-            ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)  # no code runs
+            try:
+                ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)  # no code runs
+            except Exception as e:  # a file that is not a torch checkpoint fails in many different ways
+                raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
             if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
                 raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint (no config/model)")
             model = cls(GPTConfig(**ckpt["config"]))
@@ -275,6 +278,8 @@ def read_safetensors(path):
 
 
 def load_hf_gpt2(cls, folder):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder} is not a Hugging Face GPT-2 directory (no config.json)")
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],

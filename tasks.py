@@ -126,16 +126,18 @@ def load_jsonl(path, seed):
     if not os.path.isfile(path):
         raise ValueError(f"data file {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                assert isinstance(row["prompt"], str) and isinstance(row["completion"], str) and row["prompt"]
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise ValueError(f"{path} line {n}: expected a JSON object with string fields "
-                                 "'prompt' (not empty) and 'completion'") from None
+                row = json.loads(line.decode("utf-8"))        # bad UTF-8 raises a ValueError too
+                good = isinstance(row["prompt"], str) and row["prompt"] != "" and isinstance(row["completion"], str)
+            except (ValueError, KeyError, TypeError):
+                good = False
+            if not good:
+                raise ValueError(f"{path} line {n}: expected a UTF-8 JSON object with string fields "
+                                 "'prompt' (not empty) and 'completion'")
             examples.append((row["prompt"], row["completion"], n))
     if len(examples) < 3:
         raise ValueError(f"{path} has {len(examples)} examples; it needs at least 3 (train, val, test)")

@@ -93,13 +93,14 @@ def resolve_args(args):
     if args.lora_rank is None:
         args.lora_rank = {"weight": 8, "joint": 4}.get(args.mode, 0)
     if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
-        raise ValueError(f"--lora-rank {args.lora_rank} is invalid: joint mode needs a LoRA rank ≥ 1")
+        raise ValueError(f"--lora-rank {args.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
+                         "in weight mode)")
     if args.mode == "joint" and args.site != "block_out":
         raise ValueError("joint mode steers block_out (THEORY §7): drop --site or set it to block_out")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
-    if args.steps <= 0 or args.batch_size <= 0:
-        raise ValueError("--steps and --batch-size must be positive")
+    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0:
+        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive")
     if args.layers is not None:
         try:
             args.layers = [int(s) for s in args.layers.split(",")]
@@ -107,8 +108,10 @@ def resolve_args(args):
             raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
     weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else DEFAULT_LR["full"]
     uses_shifts = args.mode in ("activation", "joint")
-    args.lr = args.lr or (DEFAULT_LR["shift"] if uses_shifts else weights_lr)
-    args.lora_lr = args.lora_lr or DEFAULT_LR["lora"]
+    args.lr = (DEFAULT_LR["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr
+    args.lora_lr = DEFAULT_LR["lora"] if args.lora_lr is None else args.lora_lr
+    if args.lr <= 0 or args.lora_lr <= 0:
+        raise ValueError("--lr and --lora-lr must be positive")
     if args.out_dir is None:
         args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
     if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \

@@ -1,0 +1,369 @@
+"""
+End-to-end tests of train.py, run as a user runs it (a subprocess) on tiny budgets: a small base
+is pretrained once, then every mode adapts it for 5 steps. Each run writes results.json, loss.png
+and model.pt or adapters.pt; adapter files load back onto the untouched base and reproduce the
+reported accuracy; the same seed gives the same numbers; bad arguments are one-line errors (exit
+code 2) before any training and never overwrite the results of an earlier good run.
+
+Run:  python -m pytest tests/test_train.py -q
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root
+sys.path.insert(0, ROOT)
+import nanosteer  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tasks import byte_encoding, exact_match, make_splits, pack  # noqa: E402
+
+torch.set_num_threads(1)  # the same as the subprocesses' OMP_NUM_THREADS=1: identical numerics
+
+TINY = ["--steps", "5", "--batch-size", "8", "--n-train", "200", "--log-every", "1", "--device", "cpu"]
+KEYS = {"mode", "task", "site", "adapter", "rank", "lora_rank", "seed", "accuracy", "base_accuracy",
+        "trainable_params", "total_params", "trainable_pct", "train_seconds", "steps"}
+
+
+def train_py(*args):
+    """Run train.py in the repo root; return the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def train_ok(*args):
+    proc = train_py(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def losses(stdout):
+    """The loss column of the per-step log lines."""
+    return [float(v) for v in re.findall(r"^step\s+\d+ \| loss (\S+) \|", stdout, flags=re.M)]
+
+
+def results_of(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def accuracy_on_test_split(model, task, seed):
+    """Exact-match accuracy on the built-in task's test split, computed here from the split."""
+    x, y = pack(make_splits(task, seed)["test"], byte_encoding(), model.config.block_size)
+    model.eval()
+    hits = [exact_match(model(x[i:i + 250])[0], y[i:i + 250]) for i in range(0, len(x), 250)]
+    return torch.cat(hits).float().mean().item()
+
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the base model, pretrained once by train.py itself, and the adaptation runs on top of it
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """`train.py --mode pretrain` for 80 steps: enough to learn the answer format (so accuracies
+    are not all zero), a few seconds on one core."""
+    out = tmp_path_factory.mktemp("base")
+    proc = train_ok("--mode", "pretrain", "--steps", "80", "--batch-size", "32", "--n-train", "2000",
+                    "--lr", "1e-2", "--log-every", "20", "--device", "cpu", "--out-dir", out)
+    path = out / "model.pt"
+    return SimpleNamespace(out=out, path=path, sha=sha256(path), files=sorted(os.listdir(out)), stdout=proc.stdout)
+
+
+CASES = {  # name: arguments after --init BASE and TINY
+    "full": ["--mode", "weight", "--lora-rank", "0"],
+    "lora": ["--mode", "weight", "--lora-rank", "2"],
+    "linear_block_out": ["--mode", "activation", "--site", "block_out", "--adapter", "linear", "--rank", "4"],
+    "vector_post_mlp": ["--mode", "activation", "--site", "post_mlp", "--adapter", "vector"],
+    "reft_mlp_hidden": ["--mode", "activation", "--site", "mlp_hidden", "--adapter", "reft", "--rank", "2",
+                        "--layers", "0,2"],
+    "joint": ["--mode", "joint", "--lora-rank", "2"],
+    "same_seed": ["--mode", "activation", "--site", "block_out", "--adapter", "linear", "--rank", "4"],
+    "other_seed": ["--mode", "activation", "--site", "block_out", "--adapter", "linear", "--rank", "4",
+                   "--seed", "1"],
+}
+ADAPTER_CASES = ["lora", "linear_block_out", "vector_post_mlp", "reft_mlp_hidden", "joint"]
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory):
+    """run(name) -> that case's output dir, results and stdout; each case runs once per module."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            proc = train_ok("--init", base.path, *TINY, *CASES[name], "--out-dir", out)
+            done[name] = SimpleNamespace(out=out, results=results_of(out), stdout=proc.stdout)
+        return done[name]
+    return get
+
+
+def expected(name, config):
+    """What results.json must say for a case, the parameter count worked out by hand:
+    LoRA of rank r on c_attn (d->3d), attn.c_proj (d->d), c_fc (d->4d), mlp.c_proj (4d->d) is
+    r·(4d + 2d + 5d + 5d) = 16·d·r per layer; a linear shift of rank r on a width-n site is 2nr;
+    ReFT 2nr + r; a vector n."""
+    d, L = config.n_embd, config.n_layer
+    total = n_params(GPT(config))
+    return {
+        "full": dict(mode="weight", lora_rank=0, site=None, adapter=None, trainable_params=total),
+        "lora": dict(mode="weight", lora_rank=2, site=None, adapter=None, trainable_params=L * 16 * d * 2),
+        "linear_block_out": dict(mode="activation", site="block_out", adapter="linear", rank=4,
+                                 trainable_params=L * 2 * d * 4),
+        "vector_post_mlp": dict(mode="activation", site="mlp_out", adapter="vector", trainable_params=L * d),
+        "reft_mlp_hidden": dict(mode="activation", site="mlp_hidden", adapter="reft", rank=2,
+                                trainable_params=2 * (2 * (4 * d) * 2 + 2)),
+        "joint": dict(mode="joint", lora_rank=2, site="block_out", adapter="linear", rank=4,
+                      trainable_params=L * 16 * d * 2 + L * 2 * d * 4),
+    }[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# every mode runs end to end and writes its files
+
+
+@pytest.mark.slow
+def test_pretrain_writes_results_plot_and_a_checkpoint_that_reproduces_its_accuracy(base):
+    r = results_of(base.out)
+    assert KEYS <= set(r)
+    assert (r["mode"], r["task"], r["seed"], r["steps"]) == ("pretrain", "pretrain", 0, 80)
+    assert {"loss.png", "model.pt", "results.json"} <= set(base.files) and "adapters.pt" not in base.files
+    assert (base.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = GPT.from_pretrained(str(base.path))
+    assert model.config == GPTConfig()                      # pretrain builds the default model
+    assert r["trainable_params"] == r["total_params"] == n_params(model)
+    assert r["trainable_pct"] == pytest.approx(100.0)
+    assert r["accuracy"] > r["base_accuracy"]               # it learned something in 80 steps
+    assert accuracy_on_test_split(model, "pretrain", 0) == r["accuracy"]
+    assert len(losses(base.stdout)) == 5                    # steps 0, 20, 40, 60 and the last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["full", "lora", "linear_block_out", "vector_post_mlp", "reft_mlp_hidden", "joint"])
+def test_each_mode_runs_end_to_end_and_reports_what_it_trained(name, run, base):
+    r = run(name)
+    res = r.results
+    assert KEYS <= set(res)
+    assert (res["task"], res["seed"], res["steps"]) == ("boolq", 0, 5)
+    config = GPT.from_pretrained(str(base.path)).config
+    for key, value in expected(name, config).items():
+        assert res[key] == value, key
+    assert res["total_params"] == n_params(GPT(config))
+    assert res["trainable_pct"] == pytest.approx(100.0 * res["trainable_params"] / res["total_params"])
+    assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["base_accuracy"] <= 1.0
+    assert res["train_seconds"] > 0
+    assert len(losses(r.stdout)) == 5
+    weights, other = ("model.pt", "adapters.pt") if name == "full" else ("adapters.pt", "model.pt")
+    files = set(os.listdir(r.out))
+    assert {"loss.png", "results.json", weights} <= files and other not in files
+    assert (r.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_checkpoint_reproduces_its_accuracy_and_differs_from_the_base(run, base):
+    r = run("full")
+    tuned, original = GPT.from_pretrained(str(r.out / "model.pt")), GPT.from_pretrained(str(base.path))
+    assert accuracy_on_test_split(tuned, "boolq", 0) == r.results["accuracy"] > 0
+    assert accuracy_on_test_split(original, "boolq", 0) == r.results["base_accuracy"]
+    changed = [k for k, v in original.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
+    assert len(changed) > len(original.state_dict()) // 2   # full fine-tuning moved (almost) every tensor
+
+
+@pytest.mark.slow
+def test_block_out_adapter_file_is_under_one_percent_of_the_model(run, base):
+    adapters = run("linear_block_out").out / "adapters.pt"
+    assert os.path.getsize(adapters) < 0.01 * os.path.getsize(base.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter files load back onto the untouched base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ADAPTER_CASES)
+def test_adapters_load_onto_the_base_and_reproduce_the_reported_accuracy(name, run, base):
+    r = run(name)
+    original = GPT.from_pretrained(str(base.path)).eval()
+    model = nanosteer.load(GPT.from_pretrained(str(base.path)), str(r.out / "adapters.pt")).eval()
+    # the base tensors of the adapted model are exactly the base file's; the rest are the adapters
+    base_sd, sd = torch.load(base.path, weights_only=True)["model"], model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
+    adapters = nanosteer.adapter_parameters(model)
+    assert adapters and set(sd) - set(base_sd) == set(adapters)
+    assert sum(p.numel() for p in adapters.values()) == r.results["trainable_params"]
+    # the trained adapters do something: the logits move away from the base model's
+    x, _ = pack(make_splits("boolq", 0)["test"][:16], byte_encoding(), model.config.block_size)
+    with torch.no_grad():
+        assert (model(x)[0] - original(x)[0]).abs().max() > 1e-5
+    # and the loaded model scores exactly what train.py reported (not a vacuous 0 = 0)
+    assert accuracy_on_test_split(model, "boolq", 0) == r.results["accuracy"] > 0
+    assert accuracy_on_test_split(original, "boolq", 0) == r.results["base_accuracy"]
+
+
+@pytest.mark.slow
+def test_adaptation_leaves_the_base_checkpoint_byte_identical(run, base):
+    for name in CASES:                    # every adaptation run of this module (cached if done)
+        run(name)
+    assert sha256(base.path) == base.sha
+    assert sorted(os.listdir(base.out)) == base.files       # and nothing was written next to it
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_numbers_and_tensors(run):
+    a, b = run("linear_block_out"), run("same_seed")
+    strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # noqa: E731
+    assert strip(a.results) == strip(b.results)
+    assert losses(a.stdout) == losses(b.stdout)
+    ta = torch.load(a.out / "adapters.pt", weights_only=True)["tensors"]
+    tb = torch.load(b.out / "adapters.pt", weights_only=True)["tensors"]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_another_seed_gives_other_losses_and_tensors(run):
+    a, c = run("linear_block_out"), run("other_seed")
+    assert c.results["seed"] == 1
+    assert losses(a.stdout) != losses(c.stdout)
+    ta = torch.load(a.out / "adapters.pt", weights_only=True)["tensors"]
+    tc = torch.load(c.out / "adapters.pt", weights_only=True)["tensors"]
+    assert ta.keys() == tc.keys() and not any(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+# ---------------------------------------------------------------------------------------------
+# a user's JSONL task
+
+
+@pytest.mark.slow
+def test_own_jsonl_data_runs_end_to_end(tmp_path, base):
+    data = tmp_path / "sums.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(50):
+            a, b = i % 7, i // 7
+            f.write(json.dumps({"prompt": f"{a}+{b}=" if i % 10 else f"ä{a}+{b}=", "completion": str(a + b)},
+                               ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    proc = train_ok("--init", base.path, *TINY, "--mode", "activation", "--data", data, "--out-dir", out)
+    res = results_of(out)
+    assert KEYS <= set(res)
+    assert res["task"] == "sums" and res["mode"] == "activation"
+    assert 5 * res["accuracy"] == round(5 * res["accuracy"])  # 50 lines: 5 test examples
+    assert {"adapters.pt", "loss.png", "results.json"} <= set(os.listdir(out))
+    assert "40 training rows" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: exit code 2 and a one-line message, before any training
+
+
+@pytest.fixture(scope="module")
+def untrained_base(tmp_path_factory):
+    """A small untrained checkpoint, made here, for runs that must fail before they train."""
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)).save(str(path), tokenizer="bytes")
+    return path
+
+
+def write_bad_data(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    lines = [json.dumps({"prompt": f"{i}=", "completion": str(i)}) for i in range(4)]
+    path.write_text("\n".join(lines[:2] + ['{"prompt": "2=", "completion": 2'] + lines[2:]) + "\n")
+    return path
+
+
+def write_garbage(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"this is not a checkpoint\x00\xff\x13" * 64)
+    return path
+
+
+def write_latin1(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    return path
+
+
+def write_empty(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    return path
+
+
+BAD = [  # arguments after the defaults (they override them), what the message must say
+    pytest.param(lambda t: ["--mode", "activation", "--site", "nowhere"], "unknown site 'nowhere'", id="site"),
+    pytest.param(lambda t: ["--mode", "activation", "--adapter", "spline"], "unknown adapter 'spline'", id="adapter"),
+    pytest.param(lambda t: ["--mode", "finetune"], r"--mode: invalid choice: '?finetune'?", id="mode"),
+    pytest.param(lambda t: ["--mode", "activation", "--task", "sudoku"], "unknown task 'sudoku'", id="task"),
+    pytest.param(lambda t: ["--mode", "activation", "--rank", "0"], "--rank must be positive", id="rank-0"),
+    pytest.param(lambda t: ["--mode", "activation", "--rank", "10000"], "rank 10000 is out of range",
+                 id="rank-too-large"),
+    pytest.param(lambda t: ["--mode", "weight", "--lora-rank", "10000"], "LoRA rank 10000 is out of range",
+                 id="lora-rank-too-large"),
+    pytest.param(lambda t: ["--mode", "activation", "--init", t / "missing.pt"], "missing.pt does not exist",
+                 id="init-missing"),
+    pytest.param(lambda t: ["--mode", "activation", "--init", write_garbage(t)], "garbage.pt is not a nanosteer",
+                 id="init-not-a-checkpoint"),
+    pytest.param(lambda t: ["--mode", "activation", "--init", t], "is not a Hugging Face GPT-2 directory",
+                 id="init-not-a-gpt2-dir"),
+    pytest.param(lambda t: ["--mode", "activation", "--log-every", "0"], "must be positive", id="log-every-0"),
+    pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr and --lora-lr must be positive", id="lr-0"),
+    pytest.param(lambda t: ["--mode", "activation", "--data", write_latin1(t)], "latin1.jsonl line 2: expected a UTF-8 JSON object",
+                 id="data-not-utf8"),
+    pytest.param(lambda t: ["--mode", "activation", "--data", write_bad_data(t)], "broken.jsonl line 3",
+                 id="data-malformed-line"),
+    pytest.param(lambda t: ["--mode", "activation", "--data", write_empty(t)], "empty.jsonl has 0 examples",
+                 id="data-empty"),
+]
+
+
+def assert_fails_before_training(proc, out, pattern):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("train.py: error:"), proc.stderr
+    assert re.search(pattern, lines[-1]), lines[-1]
+    if "invalid choice" not in lines[-1]:   # argparse puts its usage lines first; ours stand alone
+        assert len(lines) == 1, proc.stderr
+    assert "step" not in proc.stdout and not out.exists()
+
+
+@pytest.mark.parametrize("make_args, pattern", BAD)
+def test_bad_input_is_a_one_line_error_before_training(make_args, pattern, tmp_path, untrained_base):
+    out = tmp_path / "out"
+    proc = train_py("--init", untrained_base, *TINY, *make_args(tmp_path), "--out-dir", out)
+    assert_fails_before_training(proc, out, pattern)
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_an_earlier_good_run_untouched(run, base):
+    good = run("linear_block_out").out
+    before = {f: (good / f).read_bytes() for f in os.listdir(good)}
+    proc = train_py("--init", good / "missing.pt", *TINY, *CASES["linear_block_out"], "--out-dir", good)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    # fails late, in building the model after the data is made: still nothing written
+    proc = train_py("--init", base.path, *TINY, "--mode", "activation",
+                    "--rank", "10000", "--out-dir", good)
+    assert proc.returncode == 2 and "rank 10000 is out of range" in proc.stderr
+    assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before

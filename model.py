@@ -229,11 +229,12 @@ class GPT(nn.Module):
                 raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
             if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
                 raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint (no config/model)")
-            model = cls(GPTConfig(**ckpt["config"]))
             try:
+                model = cls(GPTConfig(**ckpt["config"]))
                 model.load_state_dict(ckpt["model"])
-            except RuntimeError as e:
-                raise ValueError(f"{name_or_path} does not match its own config: {str(e).splitlines()[1].strip()}") from None
+            except (TypeError, RuntimeError) as e:  # an unknown config field; tensors of other shapes
+                detail = str(e).strip().splitlines()[-1].strip()
+                raise ValueError(f"{name_or_path} does not match its own config: {detail}") from None
             return model
         if not os.path.isdir(name_or_path):
             if name_or_path not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):

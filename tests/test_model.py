@@ -228,3 +228,15 @@ def test_from_pretrained_untransposed_conv1d_weight_is_a_clear_error(tmp_path):
 def test_from_pretrained_unknown_name_offline_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no file, directory or GPT-2 model name"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_path):
+    model = GPT(tiny_config())
+    for name, change in (("shape", lambda c, sd: sd.update({"transformer.wte.weight": torch.zeros(3, 3)})),
+                         ("field", lambda c, sd: c.update({"n_experts": 8}))):
+        config, state = dict(model.config.__dict__), dict(model.state_dict())
+        change(config, state)
+        torch.save(dict(config=config, model=state), tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match="does not match its own config") as e:
+            GPT.from_pretrained(str(tmp_path / f"{name}.pt"))
+        assert "\n" not in str(e.value)

@@ -237,7 +237,8 @@ def train(args):
                    lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy, base_accuracy=base_accuracy,
                    val_accuracy=val_accuracy, trainable_params=params["trainable"],
                    total_params=params["base_params"], trainable_pct=params["pct"], train_seconds=train_seconds,
-                   steps=args.steps, device=device, init=None if args.mode == "pretrain" else args.init)
+                   steps=args.steps, device=device, init=None if args.mode == "pretrain" else args.init,
+                   losses=losses)                                 # the training loss of every step
     write_outputs(model, args, results, losses)
     print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")
@@ -251,9 +252,7 @@ def save_full(args):
 
 def write_outputs(model, args, results, losses):
     """Each file is written to a temporary name first and then renamed over the old one."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # draws to a file without touching pyplot's backend (notebooks)
     os.makedirs(args.out_dir, exist_ok=True)
     if save_full(args):
         model.save(os.path.join(args.out_dir, "model.pt"), tokenizer="bytes" if model.config.vocab_size == 257 else "gpt2")
@@ -263,14 +262,14 @@ def write_outputs(model, args, results, losses):
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(losses, lw=0.8)
     ax.set(xlabel="step", ylabel="loss (completion tokens)", yscale="log",
            title=f"{args.mode} on {args.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "loss.png.tmp.png"), dpi=100)
-    os.replace(os.path.join(args.out_dir, "loss.png.tmp.png"), os.path.join(args.out_dir, "loss.png"))
-    plt.close(fig)
+    fig.savefig(os.path.join(args.out_dir, "loss.tmp.png"), dpi=100)
+    os.replace(os.path.join(args.out_dir, "loss.tmp.png"), os.path.join(args.out_dir, "loss.png"))
 
 
 def main(argv=None):

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--adapter", default="linear", help="kind of shift: vector, linear, nonlinear, reft")
     g.add_argument("--rank", type=int, default=4, help="rank r of the shift (ignored by vector)")
     g.add_argument("--act", default="silu", help="σ of the nonlinear shift: silu, relu, gelu, tanh")
-    g.add_argument("--layers", default=None, help="comma-separated layers to steer (default: all)")
+    g.add_argument("--layers", default=None, help="comma-separated layers to adapt, shifts and LoRA alike (default: all)")
     g = p.add_argument_group("weight updates (weight and joint modes)")
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning "
                    "(weight mode only; default 8 for weight, 4 for joint)")
@@ -95,8 +95,11 @@ def resolve_args(args):
     if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
         raise ValueError(f"--lora-rank {args.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
                          "in weight mode)")
-    if args.mode == "joint" and args.site != "block_out":
-        raise ValueError("joint mode steers block_out (THEORY §7): drop --site or set it to block_out")
+    if args.mode == "joint" and (args.site != "block_out" or args.adapter not in ("linear", "nonlinear")):
+        raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
+                         "of THEORY §7 projects: drop --site/--adapter or set them so")
+    if args.ortho_every < 0:
+        raise ValueError(f"--ortho-every must be 0 (off) or positive, got {args.ortho_every}")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
     if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0:
@@ -142,7 +145,7 @@ def build_model(args, device, model=None):
         return model                                        # full fine-tuning: everything trains
     nanosteer.freeze(model)
     if args.mode in ("weight", "joint"):
-        nanosteer.lora(model, args.lora_rank, args.lora_alpha)
+        nanosteer.lora(model, args.lora_rank, args.lora_alpha, layers=args.layers)
     if args.mode in ("activation", "joint"):
         nanosteer.steer(model, args.site, args.adapter, args.rank, args.layers, args.act)
     return model

@@ -95,6 +95,7 @@ CASES = {  # name: arguments after --init BASE and TINY
     "reft_mlp_hidden": ["--mode", "activation", "--site", "mlp_hidden", "--adapter", "reft", "--rank", "2",
                         "--layers", "0,2"],
     "joint": ["--mode", "joint", "--lora-rank", "2"],
+    "joint_no_ortho": ["--mode", "joint", "--lora-rank", "2", "--ortho-every", "0"],
     "same_seed": ["--mode", "activation", "--site", "block_out", "--adapter", "linear", "--rank", "4"],
     "other_seed": ["--mode", "activation", "--site", "block_out", "--adapter", "linear", "--rank", "4",
                    "--seed", "1"],
@@ -219,6 +220,17 @@ def test_adapters_load_onto_the_base_and_reproduce_the_reported_accuracy(name, r
 
 
 @pytest.mark.slow
+def test_joint_mode_applies_the_orthogonality_constraint(run, base):
+    """THEORY §7 through train.py: with --ortho-every 1 each block's D reads nothing of col(B) of
+    its mlp.c_proj LoRA; with --ortho-every 0 it does."""
+    def overlap(name):
+        model = nanosteer.load(GPT.from_pretrained(str(base.path)), str(run(name).out / "adapters.pt"))
+        return max((block.slots["block_out"].shift.D @ torch.linalg.qr(block.mlp.c_proj.lora_B).Q).abs().max().item()
+                   for block in model.transformer.h)
+    assert overlap("joint") < 1e-5
+    assert overlap("joint_no_ortho") > 1e-3
+
+
 def test_adaptation_leaves_the_base_checkpoint_byte_identical(run, base):
     for name in CASES:                    # every adaptation run of this module (cached if done)
         run(name)
@@ -327,6 +339,9 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="init-not-a-checkpoint"),
     pytest.param(lambda t: ["--mode", "activation", "--init", t], "is not a Hugging Face GPT-2 directory",
                  id="init-not-a-gpt2-dir"),
+    pytest.param(lambda t: ["--mode", "joint", "--adapter", "reft"], "joint mode steers block_out with a linear",
+                 id="joint-reft"),
+    pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--ortho-every must be 0", id="ortho-negative"),
     pytest.param(lambda t: ["--mode", "activation", "--log-every", "0"], "must be positive", id="log-every-0"),
     pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr and --lora-lr must be positive", id="lr-0"),
     pytest.param(lambda t: ["--mode", "activation", "--data", write_latin1(t)], "latin1.jsonl line 2: expected a UTF-8 JSON object",

@@ -56,9 +56,8 @@ class NonlinearShift(LinearShift):
         return ACTIVATIONS[self.act](s @ self.D.T) @ self.U.T
 
 class ReFTShift(nn.Module):
-    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s), R with r orthonormal rows: the Q factor
-    of a free matrix, recomputed each call, so it stays orthonormal after any optimizer step.
-    W = R and b = 0 at init, so Δ = 0. 2nr + r parameters."""
+    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor of a free
+    matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at init: Δ = 0."""
     kind = "reft"
 
     def __init__(self, n, rank, act, dtype=None):
@@ -105,9 +104,8 @@ def freeze(model):
 # LoRA (Hu et al., 2021): a low-rank update of a weight, THEORY §3
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha/r)·B A x, A (r×in) random and B (out×r) zero at init. THEORY §3: the
-    extra term is exactly a shift of this layer's output by (alpha/r)·B·A·x, a rank-r linear
-    function of its input. W and b are the original layer's own tensors, left untouched."""
+    """y = W x + b + (alpha/r)·B A x, A (r×in) random, B (out×r) zero at init. THEORY §3: exactly a shift
+    of the output by (alpha/r)·B·A·x, rank-r linear in the input. W, b: the layer's own, untouched."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
@@ -175,8 +173,7 @@ def orthogonalize(model, rtol=1e-4):
 
 @contextmanager
 def capture(model, sites=SITES):
-    """Record each site of each layer during the forward passes inside the `with`; afterwards
-    acts[site][layer] is the (B, T, n) activation the rest of the network saw there."""
+    """Record sites during the forwards inside the `with`: acts[site][layer] = the (B, T, n) activation seen."""
     slots = {site: [block.slots[site] for block in model.transformer.h] for site in map(resolve_site, sites)}
     acts = {}
     for slot in sum(slots.values(), []):
@@ -191,9 +188,9 @@ def capture(model, sites=SITES):
 
 @torch.no_grad()
 def oracle(base, tuned, idx):
-    """THEORY §6: the oracle post-block shifts on tokens idx, layer by layer. Δ_ℓ = z_tuned,ℓ −
-    block_ℓ(z_tuned,ℓ−1), base's block ℓ applied to the tuned residual stream, so adding Δ_ℓ at
-    block_out of every layer of base makes it compute exactly tuned's activations and logits."""
+    """THEORY §6: oracle post-block shifts on tokens idx, Δ_ℓ = z_tuned,ℓ − block_ℓ(z_tuned,ℓ−1) (base's
+    block ℓ on the tuned stream): added at every block_out, base's block outputs become tuned's
+    exactly (and so do its logits when only the blocks were tuned, not wte/wpe/ln_f)."""
     with capture(tuned, ["block_out"]) as acts:
         tuned(idx)
     x, deltas = base.embed(idx), []
@@ -242,9 +239,12 @@ def load(model, path):
     tensors. The model must have the shapes the file was made for."""
     if not os.path.isfile(path):
         raise ValueError(f"adapter file {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    if not isinstance(payload, dict) or payload.get("format") != "nanosteer-adapters-1":
-        raise ValueError(f"{path} is not a nanosteer adapter file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        if payload["format"] != "nanosteer-adapters-1":
+            raise KeyError("format")
+    except Exception as e:  # not a torch file, not a dict, another format: all the same to the user
+        raise ValueError(f"{path} is not a nanosteer adapter file ({type(e).__name__})") from None
     for key, value in payload["base_config"].items():
         if key != "dropout" and getattr(model.config, key, None) != value:  # dropout changes no shape
             raise ValueError(f"{path} was made for a model with {key}={value}, this model has "

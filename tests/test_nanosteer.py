@@ -512,3 +512,11 @@ def test_layers_may_be_one_int_and_load_ignores_dropout(tmp_path):
     nanosteer.load(other.eval(), str(tmp_path / "a.pt"))
     idx = tokens(tiny_config())
     torch.testing.assert_close(logits_of(other, idx), logits_of(model, idx))
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", b""])
+def test_loading_a_file_that_is_not_an_adapter_file_is_a_one_line_error(tmp_path, content):
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(ValueError, match="is not a nanosteer adapter file") as e:
+        nanosteer.load(random_model(tiny_config()), str(tmp_path / "bad.pt"))
+    assert "\n" not in str(e.value)

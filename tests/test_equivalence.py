@@ -5,6 +5,9 @@ float64), and a deliberately wrong formula fails the same check.
     python -m pytest tests/test_equivalence.py
 """
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,15 +115,21 @@ def test_orthogonalize_removes_what_the_adapter_reads_from_col_B():
 def test_main_writes_json_and_figures(tmp_path):
     model, _, _, _ = tiny()
     model.save(str(tmp_path / "model.pt"))
-    eq.main(["--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "eq"), "--device", "cpu"])
+    assert eq.main(["--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "eq"), "--device", "cpu"])
     saved = json.loads((tmp_path / "eq" / "equivalence.json").read_text())
     keys = {"bridge_max_abs_err", "first_order_slope", "formula_vs_jvp_max_rel_err", "site_recovery", "skip_share",
             "wproj_zero", "projection_max_abs_err", "oracle", "ortho_max_abs", "device", "dtype", "seconds", "model"}
     assert keys <= set(saved) and saved["model"] == str(tmp_path / "model.pt")
     assert set(saved["first_order_slope"]) == {"gelu", "glu"} and set(saved["site_recovery"]) == set(eq.SITES)
     assert {"mlp_out", "block_out"} <= set(saved["wproj_zero"])
-    assert {"rank90", "linear_fit", "nonlinear_fit"} <= set(saved["oracle"])
+    assert {"rank90", "rank90_base", "rank90_noise", "linear_fit", "nonlinear_fit"} <= set(saved["oracle"])
     assert {"before", "after"} <= set(saved["ortho_max_abs"])
     assert (tmp_path / "eq" / "first_order.png").exists() and (tmp_path / "eq" / "sites.png").exists()
     for claim, measured, predicted, tol, op, ok in eq.claims(saved, exact=1e-10):
         assert ok, claim
+
+
+def test_a_checkpoint_that_does_not_exist_is_a_one_line_error_with_exit_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, "equivalence.py", "--checkpoint", str(tmp_path / "missing.pt")],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing.pt" in proc.stderr

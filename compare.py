@@ -132,7 +132,15 @@ def chart(rows, tasks, path):
            title=f"same data and steps for every method, rank {R}: test accuracy, mean ± std over seeds")
     ax.legend(ncol=len(cols), fontsize=8, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
+def write(path, text):
+    """Write to a temporary name, then rename: a crash never leaves a half-written file behind."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(args):
@@ -175,12 +183,11 @@ def main(args):
 
     rows = summarize([r for r in runs if r["phase"] == "final"], args.tasks, seeds)
     table, wall = markdown(rows, args.tasks, chosen, args), time.time() - start
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(table)
+    write(os.path.join(args.out_dir, "results.md"), table)
     chart(rows, args.tasks, os.path.join(args.out_dir, "compare.png"))
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(dict(budget={k: getattr(args, k) for k in FULL}, rank=R, grid=args.grid, quick=args.quick,
-                       chosen_lrs=chosen, wall_seconds=wall, summary=rows, runs=runs), f, indent=1)
+    everything = dict(budget={k: getattr(args, k) for k in FULL}, rank=R, grid=args.grid, quick=args.quick,
+                      chosen_lrs=chosen, wall_seconds=wall, summary=rows, runs=runs)
+    write(os.path.join(args.out_dir, "results.json"), json.dumps(everything, indent=1))
     print(f"\n{table}\n{total} runs, {wall / 60:.1f} min in all; wrote {args.out_dir}/results.md, compare.png, "
           "results.json, train.log")
     return rows

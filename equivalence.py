@@ -253,8 +253,9 @@ def main(argv=None):
           "{rank90_noise})\n§5, §8: skip share {:.2f}; share recovered by rank-4 linear steers: ".format(skip_share, **r["oracle"])
           + ", ".join(f"{site} {site_table[site]['linear']:.3f}" for site in SITES) + " (all kinds: sites.png)")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "equivalence.json"), "w") as f:
+    with open(os.path.join(args.out, "equivalence.json.tmp"), "w") as f:   # write, then rename: never half a file
         json.dump(r, f, indent=2)
+    os.replace(os.path.join(args.out, "equivalence.json.tmp"), os.path.join(args.out, "equivalence.json"))
     plot(first, r, args.out)
     print(f"{name} | block {layer} | {device} {args.dtype} | {r['seconds']:.1f} s | details: {args.out}/")
     return all(ok for *_, ok in rows)

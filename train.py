@@ -164,9 +164,8 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def lr_factor(step, steps):
-    """Linear warmup (50 steps, or a third of a short run), then a cosine decay to 10% of the peak."""
-    warmup = min(50, max(1, steps // 3))
+def lr_factor(step, steps, warmup=50):
+    """Linear warmup, then a cosine decay to 10% of the peak. (A run of ≤ 50 steps never reaches the peak.)"""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)

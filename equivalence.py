@@ -15,21 +15,13 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nanosteer as ns
-from model import GPT, Block, GPTConfig
+from model import GPT, Block, GPTConfig, gelu_prime
 
 RANK, SCALE = 4, 0.3     # rank of the random updates and of the fitted steers; ‖ΔW‖ / ‖W‖ of a random update
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]           # 1e-1 ... 1e-4: update sizes of the first-order check
 SITES, KINDS = ("attn_out", "mlp_in", "mlp_out", "block_out"), ("vector", "linear", "nonlinear")
 
-# ---- helpers: running a block with a steer in one slot, random weight updates -----------------------
-def run(block, x, site, shift=None):
-    """block(x) with `shift` (if any) in the slot at `site`, and the activation at `site` as the slot saw it."""
-    slot = block.slots[site]
-    slot.shift, slot.recording = shift, True
-    z = block(x)
-    s, slot.shift, slot.recording, slot.activation = slot.activation, None, False, None   # leave the slot empty
-    return z, s
-
+# ---- helpers: random weight updates (Block.run in model.py runs a block with one slot filled) ----
 def random_update(module, seed, rank=RANK):
     """{name: ΔW} for each weight matrix of `module`, like a LoRA's: ΔW = B A of rank r, ‖ΔW‖ = SCALE·‖W‖."""
     g, update = torch.Generator().manual_seed(seed), {}
@@ -63,11 +55,6 @@ def bridge_error(block, x, rank=RANK):
     return worst
 
 # ---- THEORY §4: first-order transport through the MLP ------------------------------------------------
-def gelu_prime(u):
-    # d/du of the tanh GELU: ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²), t = tanh(√(2/π)(u + 0.044715u³))
-    c, t = (2.0 / torch.pi) ** 0.5, torch.tanh((2.0 / torch.pi) ** 0.5 * (u + 0.044715 * u ** 3))
-    return 0.5 * (1 + t) + 0.5 * u * (1 - t ** 2) * c * (1 + 3 * 0.044715 * u ** 2)
-
 def mlp_first_order(mlp, h, d):
     """THEORY §4, closed form of the MLP output's first-order change: δy ≈ ΔW_proj m + W_proj δm (+ Δb_proj)."""
     moved = lambda name: h @ d[name + ".weight"].T + d.get(name + ".bias", 0.0)   # ΔW h + Δb of one Linear
@@ -97,7 +84,7 @@ def first_order(model, x, layer, kind, eps=EPS):
     block = model.transformer.h[layer] if model.config.mlp == kind else Block(replace(model.config, mlp=kind)).to(x)
     errors = first_order_errors(block, x, random_update(block, seed=1), eps=eps)
     d_mlp = random_update(block.mlp, seed=2)
-    closed = mlp_first_order(block.mlp, run(block, x, "mlp_in")[1], d_mlp)
+    closed = mlp_first_order(block.mlp, block.run(x, "mlp_in")[1], d_mlp)
     auto = jvp_change(block, {"mlp." + k: v for k, v in d_mlp.items()}, x)      # r does not move: δz = δy
     return dict(errors=errors, slope=float(np.polyfit(np.log(eps), np.log(errors), 1)[0]),
                 rel_err=((closed - auto).abs().max() / auto.abs().max()).item())
@@ -107,7 +94,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
     """A `kind` shift at `site` fitted (full-batch L-BFGS: no lr to tune) so that block(x) ≈ target, and the share
     recovered, 1 − ‖z_steered − target‖² / ‖z − target‖². A nonlinear one starts from the linear fit."""
     torch.manual_seed(0)
-    s, delta = run(block, x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)   # reads s, must add δ
+    s, delta = block.run(x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)   # reads s, must add δ
     shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu").to(x)
     if kind == "nonlinear":            # start at the linear fit: silu(a) ≈ a/2 near 0, so (2/c) U silu(c D s) ≈ U D s
         linear = fit_shift(block, site, "linear", x, target, rank)[0].requires_grad_(False)
@@ -117,7 +104,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
         M = torch.linalg.pinv(s) @ delta                        # kept to the top-r output directions V of s M
         Vt = torch.linalg.svd(s @ M, full_matrices=False).Vh[:rank]       # (reduced-rank least squares)
         shift.D, shift.U = torch.nn.Parameter(Vt @ M.T), torch.nn.Parameter(Vt.T.contiguous())   # U D s = s M V Vᵀ
-    loss = lambda: ((run(block, x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
+    loss = lambda: ((block.run(x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
     opt = torch.optim.LBFGS(shift.parameters(), max_iter=100, tolerance_change=0, line_search_fn="strong_wolfe")
     def closure():
         opt.zero_grad()
@@ -129,7 +116,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
 
 def where_to_steer(block, x, update, sites=SITES):
     """({site: {kind: recovered}}, skip share ⟨δr, δz⟩ / ‖δz‖²) for an update; THEORY §5: z = r + y, δz = δr + δy."""
-    (target, r_tuned), (z, r) = run(updated(block, update), x, "resid_mid"), run(block, x, "resid_mid")
+    (target, r_tuned), (z, r) = updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
     table = {site: {kind: fit_shift(block, site, kind, x, target)[1] for kind in KINDS} for site in sites}
     return table, (((r_tuned - r) * (target - z)).sum() / ((target - z) ** 2).sum()).item()
 
@@ -138,7 +125,7 @@ def wproj_zero(block, x, seed=0):
     base = updated(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})          # W_proj ← 0
     table, _ = where_to_steer(base, x, random_update(block, seed), ("mlp_out", "block_out"))   # ΔW_proj ≠ 0
     return dict(mlp_out=max(table["mlp_out"].values()), block_out=table["block_out"]["linear"],   # reads z: per token
-                y_variance=run(base, x, "mlp_out")[1].flatten(0, -2).var(0).max().item())   # across tokens
+                y_variance=base.run(x, "mlp_out")[1].flatten(0, -2).var(0).max().item())   # across tokens
 
 @torch.no_grad()
 def projection_error(block, x, rank=RANK, seed=0):
@@ -155,7 +142,7 @@ def projection_error(block, x, rank=RANK, seed=0):
     post_mlp.U.copy_(torch.randn(d, rank, generator=g))        # U = 0 at init; any A = U D will do
     post_block = copy.deepcopy(post_mlp)
     post_block.D.copy_(post_mlp.D @ (I - P))                   # A (I − P) z = A y when P z = r
-    gap = lambda b, xx: (run(b, xx, "mlp_out", post_mlp)[0] - run(b, xx, "block_out", post_block)[0]).abs().max()
+    gap = lambda b, xx: (b.run(xx, "mlp_out", post_mlp)[0] - b.run(xx, "block_out", post_block)[0]).abs().max()
     return gap(split, x @ P).item(), gap(block, x).item()     # x @ P: the incoming stream lies in col(P) too
 
 # ---- THEORY §6–§7: oracle shifts; joint adaptation ---------------------------------------------------

@@ -1,11 +1,8 @@
 """
 model.py: GPT-2 in plain PyTorch, with a named, empty steering slot at every site of every block.
-
-The architecture is GPT-2's (Radford et al., 2019): pre-LayerNorm blocks, learned positions,
-fused qkv attention, a 4x MLP with tanh-GELU, tied input/output embeddings. Module names match
-GPT-2's so its weights load key for key. The slots are the "sites" of Adila et al., 2026,
-"Weight Updates as Activation Shifts" (see THEORY.md §1 for the picture of one block).
-This file imports nothing from the project.
+GPT-2's architecture (Radford et al., 2019): pre-LayerNorm blocks, learned positions, fused qkv
+attention, a 4x MLP with tanh-GELU, tied embeddings; GPT-2's module names, so its weights load key
+for key. The slots are the "sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours.
 """
 import json
 import math
@@ -99,6 +96,12 @@ def gelu(u):
     return F.gelu(u, approximate="tanh")
 
 
+def gelu_prime(u):
+    # d/du of the tanh GELU: ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²), t = tanh(√(2/π)(u + 0.044715u³))
+    c, t = (2.0 / math.pi) ** 0.5, torch.tanh((2.0 / math.pi) ** 0.5 * (u + 0.044715 * u ** 3))
+    return 0.5 * (1 + t) + 0.5 * u * (1 - t ** 2) * c * (1 + 3 * 0.044715 * u ** 2)
+
+
 class MLP(nn.Module):
     """gelu: m = gelu(W_fc h + b_fc).  glu: m = silu(W_gate h) ⊙ (W_fc h)  (THEORY §4).
     Either way the output is y = W_proj m + b_proj; Block.forward applies c_proj itself so that
@@ -138,6 +141,14 @@ class Block(nn.Module):
         y = self.slots["mlp_out"](self.mlp.dropout(self.mlp.c_proj(m)))  # (B, T, C)
         z = self.slots["block_out"](r + y)                              # (B, T, C)
         return z
+
+    def run(self, x, site, shift=None):
+        """self(x) with `shift` in the slot at `site` for this call only -> (output, activation at site)."""
+        slot = self.slots[site]
+        slot.shift, slot.recording = shift, True
+        z = self(x)
+        s, slot.shift, slot.recording, slot.activation = slot.activation, None, False, None  # empty again
+        return z, s
 
 
 class GPT(nn.Module):

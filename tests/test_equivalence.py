@@ -86,7 +86,7 @@ def test_wproj_zero_makes_post_mlp_steers_constant():
     base = eq.updated(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})
     shift = ns.NonlinearShift(32, 4, "silu").double()
     torch.nn.init.normal_(shift.U)
-    steer = shift(eq.run(base, x, "mlp_out")[1]).flatten(0, -2)    # any Δ(y) is one vector
+    steer = shift(base.run(x, "mlp_out")[1]).flatten(0, -2)    # any Δ(y) is one vector
     assert steer.var(0).max() <= 1e-20
 
 

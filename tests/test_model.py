@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from model import GPT, GPTConfig, gelu  # noqa: E402
+from model import GPT, GPTConfig, gelu, gelu_prime  # noqa: E402
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -49,6 +49,12 @@ def test_gelu_is_gpt2_tanh_approximation():
     formula = 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
     torch.testing.assert_close(gelu(u), formula, rtol=0, atol=1e-12)
     assert (gelu(u) - F.gelu(u)).abs().max() > 1e-5   # and it is not the exact erf GELU
+
+
+def test_gelu_prime_is_the_derivative_of_gelu():
+    u = torch.linspace(-8, 8, 2001, dtype=torch.float64, requires_grad=True)
+    (autograd,) = torch.autograd.grad(gelu(u).sum(), u)
+    torch.testing.assert_close(gelu_prime(u.detach()), autograd, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mlp", ["gelu", "glu"])

@@ -153,15 +153,11 @@ def build_model(args, device, model=None):
 
 def make_optimizer(model, args):
     """AdamW with one parameter group per kind of trainable tensor, each with its own lr."""
-    lora_ids = {id(m.lora_A) for m in model.modules() if isinstance(m, nanosteer.LoRALinear)} | \
-               {id(m.lora_B) for m in model.modules() if isinstance(m, nanosteer.LoRALinear)}
+    lora = {id(p) for m in model.modules() if isinstance(m, nanosteer.LoRALinear) for p in (m.lora_A, m.lora_B)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in trainable if id(p) not in lora_ids], lr=args.lr),
-              dict(params=[p for p in trainable if id(p) in lora_ids], lr=args.lora_lr)]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["peak_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [dict(params=[p for p in trainable if (id(p) in lora) == is_lora], lr=lr, peak_lr=lr)  # peak: see lr_factor
+              for is_lora, lr in ((False, args.lr), (True, args.lora_lr))]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
 
 def lr_factor(step, steps, warmup=50):
@@ -199,9 +195,8 @@ def train(args):
     model = build_model(args, device)
     enc = get_tokenizer("bytes" if model.config.vocab_size == 257 else "gpt2")
     block = model.config.block_size
-    train_x, train_y = pack(splits["train"], enc, block)
-    test_x, test_y = pack(splits["test"], enc, block)
-    val_x, val_y = pack(splits["val"], enc, block)      # for choosing hyperparameters (compare.py)
+    # val is for choosing hyperparameters (compare.py); test is what the accuracies report
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pack(splits[s], enc, block) for s in ("train", "val", "test"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
     optimizer = make_optimizer(model, args)

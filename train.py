@@ -13,11 +13,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nanosteer
 from model import GPT, GPTConfig, SITES, resolve_site
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
+    g.add_argument("--ckpt-every", type=int, default=0, help="write resume.pt into --out-dir every k steps "
+                   "(0: only on Ctrl-C, which finishes the step, writes it and stops)")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir's resume.pt (same arguments)")
     g.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None,
                    help="where results go (default out/base for pretrain, else out/<mode>-<task>)")
     return p.parse_args(argv)
@@ -98,12 +104,14 @@ def resolve_args(args):
     if args.mode == "joint" and (args.site != "block_out" or args.adapter not in ("linear", "nonlinear")):
         raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
                          "of THEORY §7 projects: drop --site/--adapter or set them so")
-    if args.ortho_every < 0:
-        raise ValueError(f"--ortho-every must be 0 (off) or positive, got {args.ortho_every}")
+    if args.ortho_every < 0 or args.ckpt_every < 0:
+        raise ValueError("--ortho-every and --ckpt-every must be 0 (off) or positive")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
-    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0:
-        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive")
+    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0 or \
+            args.batch_size < int(os.environ.get("WORLD_SIZE", 1)):   # torchrun sets WORLD_SIZE
+        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive, and under torchrun "
+                         "--batch-size at least the number of processes")
     if args.layers is not None:
         try:
             args.layers = [int(s) for s in args.layers.split(",")]
@@ -113,8 +121,8 @@ def resolve_args(args):
     uses_shifts = args.mode in ("activation", "joint")
     args.lr = (DEFAULT_LR["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr
     args.lora_lr = DEFAULT_LR["lora"] if args.lora_lr is None else args.lora_lr
-    if args.lr <= 0 or args.lora_lr <= 0:
-        raise ValueError("--lr and --lora-lr must be positive")
+    if args.lr <= 0 or args.lora_lr <= 0 or args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise ValueError("--lr, --lora-lr and --lora-alpha must be positive")
     if args.out_dir is None:
         args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
     if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
@@ -129,6 +137,50 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name} is not available on this machine: use --device cpu")
     return name
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun, PyTorch's DDP) and resumable runs (resume.pt in --out-dir)
+
+FREE_ON_RESUME = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")  # change no number
+
+
+def init_distributed(device):
+    """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: NCCL on CUDA,
+    one GPU per process, gloo on CPU. -> (rank, world_size, device); alone (0, 1, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def save_resume(path, args, step, losses, model, optimizer, batches):
+    """Everything the loop needs to go on from `step` as if never stopped, written atomically."""
+    state = dict(args={k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}, step=step, losses=losses,
+                 tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 optimizer=optimizer.state_dict(), batches=batches.get_state(), torch_rng=torch.get_rng_state())
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_resume(path, args, model, optimizer, batches):
+    """Restore what save_resume wrote, if from a run with these arguments. -> (steps done, their losses)"""
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: there is no {path}; start the run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in vars(args).items():
+        if key not in FREE_ON_RESUME and state["args"].get(key) != value:
+            raise ValueError(f"{path} comes from a run with {key}={state['args'].get(key)!r}, this one has "
+                             f"{value!r}: resume with that run's arguments, or choose another --out-dir")
+    model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
+    optimizer.load_state_dict(state["optimizer"])
+    batches.set_state(state["batches"])
+    torch.set_rng_state(state["torch_rng"])    # dropout draws from it (on CUDA from the GPU's, not saved)
+    return state["step"], state["losses"]
 
 # ---------------------------------------------------------------------------------------------
 # building the model to train
@@ -185,47 +237,71 @@ def evaluate(model, x, y, device, autocast, batch_size=250):
 
 
 def train(args):
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(pick_device(args.device))
     splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train)
     if args.mode != "pretrain" and args.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(args, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
         print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")
         train(resolve_args(parse_args(["--mode", "pretrain", "--device", args.device])))
+        if world > 1:
+            dist.barrier()                          # the others wait until rank 0 has written it
         print(f"\nbase model ready; now {args.mode} adaptation on {args.task}")
     model = build_model(args, device)
     enc = get_tokenizer("bytes" if model.config.vocab_size == 257 else "gpt2")
     block = model.config.block_size
     # val is for choosing hyperparameters (compare.py); test is what the accuracies report
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pack(splits[s], enc, block) for s in ("train", "val", "test"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
+    trainer = DDP(runner) if world > 1 else runner            # DDP averages the gradients over processes
     optimizer = make_optimizer(model, args)
     params = nanosteer.report(model)
-
-    base_accuracy = evaluate(runner, test_x, test_y, device, autocast)
-    print(f"{args.mode} on {args.task}: {len(train_x)} training rows, {args.steps} steps, device {device}, "
-          f"trainable {params['trainable']:,} of {params['base_params']:,} ({params['pct']:.2f}%), "
-          f"accuracy before {base_accuracy:.1%}")
+    base_accuracy = evaluate(runner, test_x, test_y, device, autocast) if rank == 0 else None
     batches = torch.Generator().manual_seed(args.seed)
-    losses, t0 = [], time.time()
-    for step in range(args.steps):
-        for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, args.steps)
-        rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
-        with autocast:
-            _, loss = runner(train_x[rows].to(device), train_y[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if args.mode == "joint" and args.ortho_every and (step + 1) % args.ortho_every == 0:
-            nanosteer.orthogonalize(model)
-        losses.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps - 1:
-            elapsed = time.time() - t0
-            eta = elapsed / (step + 1) * (args.steps - step - 1)
-            print(f"step {step:5d} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
-                  f"{1000 * elapsed / (step + 1):4.0f} ms | eta {eta:4.0f} s")
+    resume_path = os.path.join(args.out_dir, "resume.pt")
+    start, losses = load_resume(resume_path, args, model, optimizer, batches) if args.resume else (0, [])
+    if rank == 0:
+        print(f"{args.mode} on {args.task}: {len(train_x)} training rows, {args.steps} steps, device {device}"
+              f"{f' x {world} processes' if world > 1 else ''}, trainable {params['trainable']:,} of "
+              f"{params['base_params']:,} ({params['pct']:.2f}%), accuracy before {base_accuracy:.1%}")
+    t0 = time.time()
+    ctrl_c = []       # Ctrl-C only lands here, and the loop stops after the step: half a step cannot be resumed
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: ctrl_c.append(signum))
+    try:
+        for step in range(start, args.steps):
+            for g in optimizer.param_groups:
+                g["lr"] = g["peak_lr"] * lr_factor(step, args.steps)
+            rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)  # the global batch
+            mine = rows[rank::world]                                # this process's share of it
+            with autocast:
+                _, loss = trainer(train_x[mine].to(device), train_y[mine].to(device))
+            # loss: the mean over this share's target tokens. Rescaled so, with DDP's mean over processes the
+            # gradient is one process's: of (sum of all token losses) / (all target tokens of the batch)
+            loss = loss * ((train_y[mine] != -1).sum().item() * world / (train_y[rows] != -1).sum().item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if args.mode == "joint" and args.ortho_every and (step + 1) % args.ortho_every == 0:
+                nanosteer.orthogonalize(model)                      # the same on every process
+            step_loss = loss.detach() / world
+            if world > 1:
+                dist.all_reduce(step_loss)                          # the sum: the global batch's mean loss
+            losses.append(step_loss.item())
+            if rank == 0 and (ctrl_c or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
+                save_resume(resume_path, args, step + 1, losses, model, optimizer, batches)
+            if ctrl_c:
+                print(f"stopped after step {step}: wrote {resume_path}; the same command with --resume goes on")
+                raise KeyboardInterrupt
+            if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
+                elapsed = time.time() - t0
+                eta = elapsed / (step + 1 - start) * (args.steps - step - 1)
+                print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
+                      f"{1000 * elapsed / (step + 1 - start):4.0f} ms | eta {eta:4.0f} s")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     train_seconds = time.time() - t0
+    if rank != 0:
+        return None                                                 # rank 0 evaluates and writes
     accuracy = evaluate(runner, test_x, test_y, device, autocast)
     val_accuracy = evaluate(runner, val_x, val_y, device, autocast)
 
@@ -235,7 +311,7 @@ def train(args):
                    lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy, base_accuracy=base_accuracy,
                    val_accuracy=val_accuracy, trainable_params=params["trainable"],
                    total_params=params["base_params"], trainable_pct=params["pct"], train_seconds=train_seconds,
-                   steps=args.steps, device=device, init=None if args.mode == "pretrain" else args.init,
+                   steps=args.steps, device=device, processes=world, init=None if args.mode == "pretrain" else args.init,
                    losses=losses)                                 # the training loss of every step
     write_outputs(model, args, results, losses)
     print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
@@ -276,6 +352,11 @@ def main(argv=None):
     except ValueError as e:  # every user error is raised as a ValueError with a one-line message
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the message is printed, resume.pt written
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""
+Resumable runs of train.py: a run stopped after k steps (by Ctrl-C, or taken from a --ckpt-every
+checkpoint) and continued with --resume ends with the results.json numbers (losses, accuracies)
+and the adapter tensors of the uninterrupted run, exactly (same seed, same device). A resume.pt
+from a run with other arguments, or none at all, is a one-line error.
+
+Run:  python -m pytest tests/test_resume.py -q
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ENV, ROOT, run_script, script_ok
+
+RUN = ["--mode", "joint", "--steps", "120", "--batch-size", "8", "--n-train", "200", "--device", "cpu"]
+
+
+def outcome(out):
+    """results.json without its wall-clock time, and the adapter tensors."""
+    with open(out / "results.json") as f:
+        results = {k: v for k, v in json.load(f).items() if k != "train_seconds"}
+    return results, torch.load(out / "adapters.pt", weights_only=True)["tensors"]
+
+
+def assert_same(a, b):
+    (results_a, tensors_a), (results_b, tensors_b) = a, b
+    assert results_a == results_b                      # every loss, the accuracies, the counts
+    assert tensors_a.keys() == tensors_b.keys() and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, tmp_path_factory):
+    """The whole run at once, with a checkpoint every 50 steps (the last one: after step 100)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    script_ok("train.py", "--init", tiny_base, *RUN, "--ckpt-every", "50", "--out-dir", out)
+    return out
+
+
+@pytest.mark.slow
+def test_resuming_a_periodic_checkpoint_ends_where_the_whole_run_ends(uninterrupted, tiny_base, tmp_path):
+    state = torch.load(uninterrupted / "resume.pt", weights_only=True)
+    assert state["step"] == 100 and len(state["losses"]) == 100
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(uninterrupted / "resume.pt", tmp_path / "resumed" / "resume.pt")
+    proc = script_ok("train.py", "--init", tiny_base, *RUN, "--resume", "--out-dir", tmp_path / "resumed")
+    assert "step   100 |" in proc.stdout and "step    50 |" not in proc.stdout   # it went on from step 100
+    whole = outcome(uninterrupted)
+    assert whole[0]["losses"][-1] < whole[0]["losses"][0]
+    assert_same(outcome(tmp_path / "resumed"), whole)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_ctrl_c_and_resumed_ends_where_the_whole_run_ends(uninterrupted, tiny_base, tmp_path):
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "train.py", "--init", str(tiny_base), *RUN, "--log-every", "1", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                           # Ctrl-C as soon as step 3 is logged
+        if line.startswith("step     3 |"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped after step" in stdout and not (out / "results.json").exists()
+    k = torch.load(out / "resume.pt", weights_only=True)["step"]
+    assert 4 <= k < 120                                # it stopped at a step boundary, mid-run
+    resumed = script_ok("train.py", "--init", tiny_base, *RUN, "--resume", "--out-dir", out)
+    assert "step     0 |" not in resumed.stdout and "step   119 |" in resumed.stdout
+    assert_same(outcome(out), outcome(uninterrupted))
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_base, tmp_path_factory):
+    """A 4-step run that leaves its resume.pt behind."""
+    out = tmp_path_factory.mktemp("short_run")
+    script_ok("train.py", "--init", tiny_base, *RUN, "--steps", "4", "--ckpt-every", "2", "--out-dir", out)
+    return out
+
+
+@pytest.mark.parametrize("change, key", [(["--lr", "0.5"], "lr"), (["--mode", "activation"], "mode"),
+                                         (["--seed", "1"], "seed")])
+def test_resuming_with_other_arguments_is_a_one_line_error(change, key, short_run, tiny_base):
+    out = short_run
+    before = (out / "resume.pt").read_bytes()
+    proc = run_script("train.py", "--init", tiny_base, *RUN, "--steps", "4", *change, "--resume", "--out-dir", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"train.py: error: {out / 'resume.pt'} comes from a run with {key}=")
+    assert "step" not in proc.stdout and (out / "resume.pt").read_bytes() == before
+
+
+def test_resume_without_a_resume_file_is_a_one_line_error(tiny_base, tmp_path):
+    proc = run_script("train.py", "--init", tiny_base, *RUN, "--resume", "--out-dir", tmp_path / "empty")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"train.py: error: --resume: there is no {tmp_path / 'empty' / 'resume.pt'}; "
+                                   "start the run without --resume")

@@ -146,12 +146,14 @@ def lora(model, rank, alpha=None, targets=("c_attn", "c_proj", "c_fc", "c_gate")
 
 @torch.no_grad()
 def merge(model):
-    """Fold every LoRA into its weight, W ← W + (alpha/r)·B·A, and put back a plain Linear."""
+    """Fold every LoRA into its weight, W ← W + (alpha/r)·B·A, and put back a plain Linear. The
+    model is marked `merged_lora`: save() refuses it, as an adapter file would lose the update."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
             plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False).to(child.weight)
             plain.weight.copy_(child.weight + child.scale * child.lora_B @ child.lora_A)
             plain.bias = child.bias                 # the same bias tensor (or None)
+            model.merged_lora = True
             setattr(parent, name, plain.requires_grad_(child.weight.requires_grad))
     return model
 
@@ -173,7 +175,8 @@ def orthogonalize(model, rtol=1e-4):
 
 @contextmanager
 def capture(model, sites=SITES):
-    """Record sites during the forwards inside the `with`: acts[site][layer] = the (B, T, n) activation seen."""
+    """Record sites inside the `with`: acts[site][layer] = the (B, T, n) activation that the site
+    passed on in the LAST forward (each forward overwrites the one before; run one per `with`)."""
     slots = {site: [block.slots[site] for block in model.transformer.h] for site in map(resolve_site, sites)}
     acts = {}
     for slot in sum(slots.values(), []):
@@ -223,7 +226,11 @@ def report(model):
 # adapter files: the adapter tensors plus what is needed to rebuild them, nothing of the base
 
 def save(model, path):
-    """Write the adapters (what each is, its tensors, the base model's config) to path, atomically."""
+    """Write the adapters (what each is, its tensors, the base model's config) to path, atomically.
+    After merge() the LoRA update is in the weights, where no adapter file looks: refused."""
+    if getattr(model, "merged_lora", False):
+        raise ValueError("LoRA is merged into this model's weights, which no adapter file holds:"
+                         " save the whole model (model.save), or the adapters before merge()")
     spec = [dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act)
             for layer, block in enumerate(model.transformer.h) for site, slot in block.slots.items()
             if slot.shift is not None]

@@ -131,7 +131,7 @@ def load_jsonl(path, seed):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8"))        # bad UTF-8 raises a ValueError too
+                row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))  # a BOM may open line 1
                 good = isinstance(row["prompt"], str) and row["prompt"] != "" and isinstance(row["completion"], str)
             except (ValueError, KeyError, TypeError):
                 good = False

@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    f"for --mode pretrain, else {DEFAULT_TASK})")
     g.add_argument("--data", default=None, help="your own task instead: a JSONL file of "
                    '{"prompt": ..., "completion": ...} lines')
-    g.add_argument("--init", default=BASE_CHECKPOINT, help="model to adapt: a checkpoint file, a "
+    g.add_argument("--init", default=None, help="model to adapt: a checkpoint file, a "
                    "Hugging Face GPT-2 directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
     g = p.add_argument_group("activation shifts (activation and joint modes)")
     g.add_argument("--site", default="block_out", help=f"where to steer: {', '.join(SITES)}, or the "
@@ -85,6 +85,9 @@ def resolve_args(args):
     """Fill defaults that depend on other arguments and reject bad values, before any work."""
     if args.task is None:
         args.task = "pretrain" if args.mode == "pretrain" else DEFAULT_TASK
+    if args.mode == "pretrain" and args.init is not None:
+        raise ValueError(f"--mode pretrain trains a new model from scratch, it takes no --init: drop --init {args.init}")
+    args.init = BASE_CHECKPOINT if args.init is None else args.init
     if args.data is None and args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
     if args.data is not None:

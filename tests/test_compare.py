@@ -10,23 +10,18 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root
-sys.path.insert(0, ROOT)
-import compare  # noqa: E402
-from model import GPT  # noqa: E402
+import compare
+from conftest import ROOT, run_script
+from model import GPT
 
 
 def python(*args):
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_script(*args, timeout=600)
 
 
 def sha256(path):

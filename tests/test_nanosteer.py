@@ -520,3 +520,44 @@ def test_loading_a_file_that_is_not_an_adapter_file_is_a_one_line_error(tmp_path
     with pytest.raises(ValueError, match="is not a nanosteer adapter file") as e:
         nanosteer.load(random_model(tiny_config()), str(tmp_path / "bad.pt"))
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# hazards found by a careful reader (issue 13)
+
+
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_save_after_merge_is_refused_rather_than_losing_the_update(tmp_path, with_shift):
+    """merge() moves LoRA into the weights; an adapter file written then would hold nothing of it
+    (or only the shifts), and loading it onto the base would give other logits without a word."""
+    config = tiny_config()
+    model = random_model(config)
+    randomize([m.lora_B for m in lora(model, rank=2)], scale=0.2)
+    if with_shift:                                  # joint: the shifts alone would be saved
+        randomize([s.U for s in steer(model, "block_out", "linear", rank=2)])
+    path = tmp_path / "adapters.pt"
+    nanosteer.save(model, str(path))                # before merge: fine, and it reloads exactly
+    idx = tokens(config)
+    expected = logits_of(model, idx)
+    torch.testing.assert_close(logits_of(nanosteer.load(random_model(config), str(path)), idx), expected)
+    path.unlink()
+    merge(model)
+    with pytest.raises(ValueError, match="LoRA is merged into this model's weights") as e:
+        nanosteer.save(model, str(path))
+    assert "\n" not in str(e.value) and not path.exists() and not (tmp_path / "adapters.pt.tmp").exists()
+
+
+def test_capture_keeps_the_last_forward_as_its_docstring_says():
+    config = tiny_config()
+    model = random_model(config)
+    first, second = tokens(config, seed=1), tokens(config, seed=2)
+    with torch.no_grad(), capture(model, ["block_out"]) as both:
+        model(first)
+        model(second)
+    with torch.no_grad(), capture(model, ["block_out"]) as only_first:
+        model(first)
+    with torch.no_grad(), capture(model, ["block_out"]) as only_second:
+        model(second)
+    assert torch.equal(both["block_out"][1], only_second["block_out"][1])
+    assert not torch.equal(both["block_out"][1], only_first["block_out"][1])
+    assert "LAST forward" in capture.__doc__ and "during the forwards" not in capture.__doc__

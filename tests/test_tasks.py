@@ -8,16 +8,13 @@ Run:  python -m pytest tests/test_tasks.py -q
 """
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from model import GPT, GPTConfig  # noqa: E402
-from tasks import TASKS, byte_encoding, exact_match, get_tokenizer, load_jsonl, make_splits, pack  # noqa: E402
+from model import GPT, GPTConfig
+from tasks import TASKS, byte_encoding, exact_match, get_tokenizer, load_jsonl, make_splits, pack
 
 torch.set_num_threads(1)  # tensors this small run faster on one thread than on a busy pool
 
@@ -230,6 +227,7 @@ def greedy(model, enc, prompt, n):
     return model.generate(idx, n, temperature=0)[0, idx.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_exact_match_agrees_with_greedy_generation(small_trained_model):
     model, enc = small_trained_model, byte_encoding()
     gold = make_splits("pretrain", seed=3, n_train=10, n_eval=24)["test"]
@@ -332,3 +330,15 @@ def test_load_jsonl_then_pack_names_the_file_line_that_is_too_long(tmp_path):
     with pytest.raises(ValueError, match=r"^line 5 is 203 tokens long") as e:
         pack(examples, byte_encoding(), block_size=128)
     assert "\n" not in str(e.value)
+
+
+def test_load_jsonl_accepts_a_byte_order_mark_at_the_start_only(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark (EF BB BF) in front of line 1."""
+    lines = rows(5)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(line + "\n" for line in lines).encode("utf-8"))
+    plain = load_jsonl(str(write_lines(tmp_path / "plain.jsonl", lines)), seed=0)
+    assert load_jsonl(str(path), seed=0) == plain
+    path.write_bytes("".join(line + "\n" for line in lines[:2] + ["\ufeff" + lines[2]] + lines[3:]).encode("utf-8"))
+    with pytest.raises(ValueError, match="line 3: expected a UTF-8 JSON object"):
+        load_jsonl(str(path), seed=0)              # a mark inside the file is not a byte-order mark

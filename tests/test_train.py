@@ -11,18 +11,15 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root
-sys.path.insert(0, ROOT)
-import nanosteer  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tasks import byte_encoding, exact_match, make_splits, pack  # noqa: E402
+import nanosteer
+from conftest import run_script, script_ok
+from model import GPT, GPTConfig
+from tasks import byte_encoding, exact_match, make_splits, pack
 
 torch.set_num_threads(1)  # the same as the subprocesses' OMP_NUM_THREADS=1: identical numerics
 
@@ -33,15 +30,11 @@ KEYS = {"mode", "task", "site", "adapter", "rank", "lora_rank", "seed", "accurac
 
 def train_py(*args):
     """Run train.py in the repo root; return the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("train.py", *args)
 
 
 def train_ok(*args):
-    proc = train_py(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return script_ok("train.py", *args)
 
 
 def sha256(path):
@@ -231,6 +224,7 @@ def test_joint_mode_applies_the_orthogonality_constraint(run, base):
     assert overlap("joint_no_ortho") > 1e-3
 
 
+@pytest.mark.slow
 def test_adaptation_leaves_the_base_checkpoint_byte_identical(run, base):
     for name in CASES:                    # every adaptation run of this module (cached if done)
         run(name)
@@ -289,15 +283,6 @@ def test_own_jsonl_data_runs_end_to_end(tmp_path, base):
 # bad inputs: exit code 2 and a one-line message, before any training
 
 
-@pytest.fixture(scope="module")
-def untrained_base(tmp_path_factory):
-    """A small untrained checkpoint, made here, for runs that must fail before they train."""
-    path = tmp_path_factory.mktemp("untrained") / "model.pt"
-    torch.manual_seed(0)
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)).save(str(path), tokenizer="bytes")
-    return path
-
-
 def write_bad_data(tmp_path):
     path = tmp_path / "broken.jsonl"
     lines = [json.dumps({"prompt": f"{i}=", "completion": str(i)}) for i in range(4)]
@@ -343,6 +328,15 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="joint-reft"),
     pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--ortho-every and --ckpt-every must be 0", id="ortho-negative"),
     pytest.param(lambda t: ["--mode", "activation", "--log-every", "0"], "must be positive", id="log-every-0"),
+    pytest.param(lambda t: ["--mode", "weight", "--lora-alpha", "-1"], "--lora-alpha must be positive",
+                 id="lora-alpha-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--lora-alpha", "0"], "--lora-alpha must be positive",
+                 id="lora-alpha-0"),
+    pytest.param(lambda t: ["--mode", "pretrain"], r"--mode pretrain trains a new model from scratch, it takes no "
+                 r"--init: drop --init \S*model.pt$", id="pretrain-with-init"),
+    pytest.param(lambda t: ["--mode", "joint", "--ckpt-every", "-2"], "--ckpt-every must be 0", id="ckpt-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--resume"], r"--resume: there is no \S*resume.pt; start the run "
+                 "without --resume", id="resume-without-file"),
     pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr, --lora-lr and --lora-alpha must be positive", id="lr-0"),
     pytest.param(lambda t: ["--mode", "activation", "--data", write_latin1(t)], "latin1.jsonl line 2: expected a UTF-8 JSON object",
                  id="data-not-utf8"),
@@ -365,9 +359,9 @@ def assert_fails_before_training(proc, out, pattern):
 
 
 @pytest.mark.parametrize("make_args, pattern", BAD)
-def test_bad_input_is_a_one_line_error_before_training(make_args, pattern, tmp_path, untrained_base):
+def test_bad_input_is_a_one_line_error_before_training(make_args, pattern, tmp_path, tiny_base):
     out = tmp_path / "out"
-    proc = train_py("--init", untrained_base, *TINY, *make_args(tmp_path), "--out-dir", out)
+    proc = train_py("--init", tiny_base, *TINY, *make_args(tmp_path), "--out-dir", out)
     assert_fails_before_training(proc, out, pattern)
 
 

@@ -322,7 +322,7 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="init-missing"),
     pytest.param(lambda t: ["--mode", "activation", "--init", write_garbage(t)], "garbage.pt is not a nanosteer",
                  id="init-not-a-checkpoint"),
-    pytest.param(lambda t: ["--mode", "activation", "--init", t], "is not a Hugging Face GPT-2 directory",
+    pytest.param(lambda t: ["--mode", "activation", "--init", t], "is not a Hugging Face model directory",
                  id="init-not-a-gpt2-dir"),
     pytest.param(lambda t: ["--mode", "joint", "--adapter", "reft"], "joint mode steers block_out with a linear",
                  id="joint-reft"),

@@ -83,8 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
-    g.add_argument("--ckpt-every", type=int, default=0, help="write resume.pt into --out-dir every k steps "
-                   "(0: only on Ctrl-C, which finishes the step, writes it and stops)")
+    g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir's resume.pt (same arguments)")
     g.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None,
                    help="where results go (default out/base for pretrain, else out/<mode>-<task>)")
@@ -124,14 +123,12 @@ def resolve_args(args):
     if args.mode == "joint" and (args.site != "block_out" or args.adapter not in ("linear", "nonlinear")):
         raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
                          "of THEORY §7 projects: drop --site/--adapter or set them so")
-    if args.ortho_every < 0 or args.ckpt_every < 0:
-        raise ValueError("--ortho-every and --ckpt-every must be 0 (off) or positive")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
-    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0 or args.warmup < 0 or \
-            args.batch_size < int(os.environ.get("WORLD_SIZE", 1)):   # torchrun sets WORLD_SIZE
-        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive, --warmup ≥ 0, "
-                         "and under torchrun --batch-size at least the number of processes")
+    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0 or min(args.warmup, args.ortho_every,
+            args.ckpt_every) < 0 or args.batch_size < int(os.environ.get("WORLD_SIZE", 1)):  # torchrun sets it
+        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive, --warmup, --ortho-every "
+                         "and --ckpt-every ≥ 0, and under torchrun --batch-size ≥ the number of processes")
     if args.layers is not None:
         try:
             args.layers = [int(s) for s in args.layers.split(",")]
@@ -167,24 +164,22 @@ FREE_ON_RESUME = ("resume", "ckpt_every", "log_every", "device", "compile", "out
 
 def init_distributed(device):
     """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: NCCL on CUDA,
-    one GPU per process, gloo on CPU. -> (rank, world_size, device); alone (0, 1, device)."""
+    one GPU per process, gloo on CPU. -> (rank, number of processes); alone (0, 1)."""
     if "RANK" not in os.environ:
-        return 0, 1, device
+        return 0, 1
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))     # from now on "cuda" is this process's GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size()
 
 
 def save_resume(path, args, step, losses, model, optimizer, batches):
     """Everything the loop needs to go on from `step` as if never stopped, written atomically."""
-    state = dict(args={k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}, step=step, losses=losses,
-                 tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 optimizer=optimizer.state_dict(), batches=batches.get_state(), torch_rng=torch.get_rng_state())
     os.makedirs(args.out_dir, exist_ok=True)
-    torch.save(state, path + ".tmp")
+    torch.save(dict(args=vars(args), step=step, losses=losses, optimizer=optimizer.state_dict(),
+                    tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                    batches=batches.get_state(), torch_rng=torch.get_rng_state()), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -195,8 +190,8 @@ def load_resume(path, args, model, optimizer, batches):
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key, value in vars(args).items():
         if key not in FREE_ON_RESUME and state["args"].get(key) != value:
-            raise ValueError(f"{path} comes from a run with {key}={state['args'].get(key)!r}, this one has "
-                             f"{value!r}: resume with that run's arguments, or choose another --out-dir")
+            raise ValueError(f"{path} comes from a run with {key}={state['args'].get(key)!r}, not {value!r}: "
+                             "resume with that run's arguments, or choose another --out-dir")
     model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
     optimizer.load_state_dict(state["optimizer"])
     batches.set_state(state["batches"])
@@ -258,7 +253,8 @@ def evaluate(model, x, y, device, autocast, batch_size=50):
 
 
 def train(args):
-    rank, world, device = init_distributed(pick_device(args.device))
+    device = pick_device(args.device)
+    rank, world = init_distributed(device)
     splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train)
     if args.mode != "pretrain" and args.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(args, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
@@ -272,7 +268,7 @@ def train(args):
     block = model.config.block_size
     # val is for choosing hyperparameters (compare.py); test is what the accuracies report
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pack(splits[s], enc, block) for s in ("train", "val", "test"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
     trainer = DDP(runner) if world > 1 else runner            # DDP averages the gradients over processes
     optimizer = make_optimizer(model, args)
@@ -296,8 +292,7 @@ def train(args):
             mine = rows[rank::world]                                # this process's share of it
             with autocast:
                 _, loss = trainer(train_x[mine].to(device), train_y[mine].to(device))
-            # loss: the mean over this share's target tokens. Rescaled so, with DDP's mean over processes the
-            # gradient is one process's: of (sum of all token losses) / (all target tokens of the batch)
+            # this share's mean token loss, rescaled: DDP's average over processes is then the batch's mean
             loss = loss * ((train_y[mine] != -1).sum().item() * world / (train_y[rows] != -1).sum().item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -358,12 +353,11 @@ def write_outputs(model, enc, args, results, losses):
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
-    fig = Figure(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5), layout="tight")
     ax = fig.subplots()
     ax.plot(losses, lw=0.8)
     ax.set(xlabel="step", ylabel="loss (completion tokens)", yscale="log",
            title=f"{args.mode} on {args.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
-    fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "loss.tmp.png"), dpi=100)
     os.replace(os.path.join(args.out_dir, "loss.tmp.png"), os.path.join(args.out_dir, "loss.png"))
 

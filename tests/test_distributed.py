@@ -49,7 +49,7 @@ def test_a_batch_smaller_than_the_number_of_processes_is_a_one_line_error(tiny_b
     import train
     monkeypatch.setenv("WORLD_SIZE", "2")                       # as torchrun --nproc_per_node=2 sets it
     args = train.parse_args(["--init", str(tiny_base), *JOINT, "--batch-size", "1"])
-    with pytest.raises(ValueError, match="under torchrun --batch-size at least the number of processes") as e:
+    with pytest.raises(ValueError, match="under torchrun --batch-size ≥ the number of processes") as e:
         train.resolve_args(args)
     assert "\n" not in str(e.value)
     train.resolve_args(train.parse_args(["--init", str(tiny_base), *JOINT, "--batch-size", "2"]))

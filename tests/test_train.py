@@ -326,7 +326,7 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="init-not-a-gpt2-dir"),
     pytest.param(lambda t: ["--mode", "joint", "--adapter", "reft"], "joint mode steers block_out with a linear",
                  id="joint-reft"),
-    pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--ortho-every and --ckpt-every must be 0", id="ortho-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--warmup, --ortho-every and --ckpt-every ≥ 0", id="ortho-negative"),
     pytest.param(lambda t: ["--mode", "activation", "--log-every", "0"], "must be positive", id="log-every-0"),
     pytest.param(lambda t: ["--mode", "weight", "--lora-alpha", "-1"], "--lora-alpha must be positive",
                  id="lora-alpha-negative"),
@@ -334,7 +334,7 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="lora-alpha-0"),
     pytest.param(lambda t: ["--mode", "pretrain"], r"--mode pretrain trains a new model from scratch, it takes no "
                  r"--init: drop --init \S*model.pt$", id="pretrain-with-init"),
-    pytest.param(lambda t: ["--mode", "joint", "--ckpt-every", "-2"], "--ckpt-every must be 0", id="ckpt-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--ckpt-every", "-2"], "--warmup, --ortho-every and --ckpt-every ≥ 0", id="ckpt-negative"),
     pytest.param(lambda t: ["--mode", "joint", "--resume"], r"--resume: there is no \S*resume.pt; start the run "
                  "without --resume", id="resume-without-file"),
     pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr, --lora-lr and --lora-alpha must be positive", id="lr-0"),

@@ -1,0 +1,144 @@
+"""
+Sampling: GPT.generate with temperature and top-k draws from the distribution it claims (counted
+over many draws with a fixed seed: top-k samples exactly the k most likely tokens, all of them;
+the frequencies follow softmax(logits / T)), and sample.py continues a prompt greedily as the
+model does, with the adapters of a file in place, and fails on bad input with a one-line error.
+
+Run:  python -m pytest tests/test_sample.py -q
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanosteer
+import sample
+from conftest import run_script
+from model import GPT, GPTConfig
+from tasks import byte_encoding
+
+torch.set_num_threads(1)
+
+CONFIG = GPTConfig(block_size=16, vocab_size=61, n_layer=2, n_head=2, n_embd=32)
+PROMPT = torch.tensor([[3, 14, 15, 9, 26]])
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A random model whose next-token logits spread over several units, so that temperature and
+    top-k change the distribution by far more than the sampling noise of the tests below."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(5)          # tied: also scales the output head
+        logits = model(PROMPT)[0][0, -1]
+    return model, logits
+
+
+def draw(model, n, seed=0, **kw):
+    """n next tokens after PROMPT, drawn independently (one batch of n identical rows)."""
+    torch.manual_seed(seed)
+    return model.generate(PROMPT.repeat(n, 1), max_new_tokens=1, **kw)[:, -1]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_top_k_samples_exactly_the_k_most_likely_tokens(peaked, k):
+    model, logits = peaked
+    top = set(torch.topk(logits, k).indices.tolist())
+    assert torch.softmax(logits, -1)[list(top)].sum() < 0.99    # without top-k others would appear
+    drawn = draw(model, 4000, temperature=1.0, top_k=k)
+    assert set(drawn.tolist()) == top                           # never another token, and every one of the k
+    # and in the proportions of the softmax over those k alone
+    counts = torch.bincount(drawn, minlength=CONFIG.vocab_size).float() / len(drawn)
+    renormalised = torch.zeros_like(counts)
+    renormalised[list(top)] = torch.softmax(logits[list(top)], -1)
+    assert (counts - renormalised).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_temperature_samples_softmax_of_logits_over_T(peaked, T):
+    model, logits = peaked
+    expected, untempered = F.softmax(logits / T, -1), F.softmax(logits, -1)
+    counts = torch.bincount(draw(model, 20000, temperature=T), minlength=CONFIG.vocab_size).float() / 20000
+    assert (counts - expected).abs().max() < 0.015              # ~5 standard deviations of a count
+    assert (counts - untempered).abs().max() > 0.05             # the temperature did matter
+
+
+def test_the_same_seed_draws_the_same_tokens_and_another_seed_others(peaked):
+    model, _ = peaked
+    a, b, c = draw(model, 64, seed=1, temperature=1.0), draw(model, 64, seed=1, temperature=1.0), \
+        draw(model, 64, seed=2, temperature=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    """An adapter file for tiny_base: a block_out shift with random U and a LoRA with random B."""
+    model = nanosteer.freeze(GPT.from_pretrained(str(tiny_base)))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for shift in nanosteer.steer(model, "block_out", "linear", rank=4):
+            shift.U.normal_(std=2.0)
+        for layer in nanosteer.lora(model, rank=2, targets=("mlp.c_proj",)):
+            layer.lora_B.normal_(std=2.0)
+    path = tmp_path_factory.mktemp("adapters") / "adapters.pt"
+    nanosteer.save(model, str(path))
+    return path
+
+
+def greedy_by_hand(model, text, n):
+    """<eot> + text, n greedy tokens with repeated argmax, cut at the first <eot>, decoded."""
+    enc = byte_encoding()
+    idx = torch.tensor([[enc.eot_token] + enc.encode_ordinary(text)])
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = idx[0, len(text) + 1:].tolist()
+    return enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
+
+
+def test_greedy_sample_py_continues_as_the_model_does_with_and_without_adapters(tiny_base, adapters):
+    prompt = "[MIN 8 5 9]>4?"
+    argv = ["--init", str(tiny_base), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+            "--device", "cpu"]
+    base = GPT.from_pretrained(str(tiny_base)).eval()
+    adapted = nanosteer.load(GPT.from_pretrained(str(tiny_base)), str(adapters)).eval()
+    plain, steered = sample.sample(sample.parse_args(argv)), sample.sample(sample.parse_args(
+        argv + ["--adapters", str(adapters)]))
+    assert plain == [greedy_by_hand(base, prompt, 12)] and steered == [greedy_by_hand(adapted, prompt, 12)]
+    assert plain != steered                                    # the adapters do act
+
+
+def test_sampled_text_is_seeded(tiny_base):
+    argv = ["--init", str(tiny_base), "--prompt", "ab", "--temperature", "1.5", "--top-k", "20",
+            "--num-samples", "3", "--max-new-tokens", "8", "--device", "cpu"]
+    one, again = (sample.sample(sample.parse_args(argv + ["--seed", "4"])) for _ in range(2))
+    other = sample.sample(sample.parse_args(argv + ["--seed", "5"]))
+    assert len(one) == 3 and one == again and one != other
+
+
+def test_sample_py_prints_prompt_and_continuation(tiny_base, adapters):
+    argv = ["--init", tiny_base, "--adapters", adapters, "--prompt", "[MAX 1 2]=", "--temperature", "0",
+            "--max-new-tokens", "6", "--device", "cpu"]
+    proc = run_script("sample.py", *argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (expected,) = sample.sample(sample.parse_args([str(a) for a in argv]))
+    assert proc.stdout == "[MAX 1 2]=" + expected + "\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "-1"], "--max-new-tokens and --temperature must be ≥ 0"),
+    (["--top-k", "0"], "--top-k must be positive"),
+    (["--num-samples", "0"], "--num-samples positive"),
+    (["--adapters", "missing.pt"], "adapter file missing.pt does not exist"),
+    (["--init", "missing.pt"], "missing.pt does not exist"),
+])
+def test_bad_input_is_a_one_line_error(tiny_base, extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--init", str(tiny_base), "--prompt", "x", "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("sample.py: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -305,8 +305,9 @@ def train(args):
             losses.append(step_loss.item())
             if rank == 0 and (ctrl_c or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
                 save_resume(resume_path, args, step + 1, losses, model, optimizer, batches)
+                stopped = "; stopped (Ctrl-C): the same command with --resume goes on" if ctrl_c else ""
+                print(f"wrote {resume_path} after step {step}{stopped}")
             if ctrl_c:
-                print(f"stopped after step {step}: wrote {resume_path}; the same command with --resume goes on")
                 raise KeyboardInterrupt
             if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
                 elapsed = time.time() - t0

@@ -159,8 +159,6 @@ def pick_device(name):
 # ---------------------------------------------------------------------------------------------
 # several processes (torchrun, PyTorch's DDP) and resumable runs (resume.pt in --out-dir)
 
-FREE_ON_RESUME = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")  # change no number
-
 
 def init_distributed(device):
     """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: NCCL on CUDA,
@@ -188,8 +186,9 @@ def load_resume(path, args, model, optimizer, batches):
     if not os.path.isfile(path):
         raise ValueError(f"--resume: there is no {path}; start the run without --resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    free = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
     for key, value in vars(args).items():
-        if key not in FREE_ON_RESUME and state["args"].get(key) != value:
+        if key not in free and state["args"].get(key) != value:
             raise ValueError(f"{path} comes from a run with {key}={state['args'].get(key)!r}, not {value!r}: "
                              "resume with that run's arguments, or choose another --out-dir")
     model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
@@ -273,14 +272,14 @@ def train(args):
     trainer = DDP(runner) if world > 1 else runner            # DDP averages the gradients over processes
     optimizer = make_optimizer(model, args)
     params = nanosteer.report(model)
-    base_accuracy = evaluate(runner, test_x, test_y, device, autocast) if rank == 0 else None
-    batches = torch.Generator().manual_seed(args.seed)
-    resume_path = os.path.join(args.out_dir, "resume.pt")
-    start, losses = load_resume(resume_path, args, model, optimizer, batches) if args.resume else (0, [])
-    if rank == 0:
+    if rank == 0:                                  # (before --resume loads the trained tensors)
+        base_accuracy = evaluate(runner, test_x, test_y, device, autocast)
         print(f"{args.mode} on {args.task}: {len(train_x)} training rows, {args.steps} steps, device {device}"
               f"{f' x {world} processes' if world > 1 else ''}, trainable {params['trainable']:,} of "
               f"{params['base_params']:,} ({params['pct']:.2f}%), accuracy before {base_accuracy:.1%}")
+    batches = torch.Generator().manual_seed(args.seed)
+    resume_path = os.path.join(args.out_dir, "resume.pt")
+    start, losses = load_resume(resume_path, args, model, optimizer, batches) if args.resume else (0, [])
     t0 = time.time()
     ctrl_c = []       # Ctrl-C only lands here, and the loop stops after the step: half a step cannot be resumed
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: ctrl_c.append(signum))

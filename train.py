@@ -142,6 +142,8 @@ def resolve_args(args):
         raise ValueError("--lr, --lora-lr and --lora-alpha must be positive")
     if args.out_dir is None:
         args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
+    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
+        raise ValueError(f"--resume: there is no {os.path.join(args.out_dir, 'resume.pt')}; start the run without --resume")
     if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
             and args.init not in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES):
         raise ValueError(f"--init {args.init} does not exist: give a checkpoint file, a Hugging Face "
@@ -183,8 +185,6 @@ def save_resume(path, args, step, losses, model, optimizer, batches):
 
 def load_resume(path, args, model, optimizer, batches):
     """Restore what save_resume wrote, if from a run with these arguments. -> (steps done, their losses)"""
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume: there is no {path}; start the run without --resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
     free = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
     for key, value in vars(args).items():

@@ -33,11 +33,13 @@ DEFAULT_TASK = "boolq"
 # LoRA 5e-5..1.5e-3, full fine-tuning 5e-6..1e-4 for 1B-8B models; a 1M model takes larger ones)
 DEFAULT_LR = {"pretrain": 3e-3, "full": 1e-3, "lora": 3e-3, "shift": 1e-2}
 DEFAULT_STEPS = {"pretrain": 500, "weight": 300, "activation": 300, "joint": 300}
-# a pretrained language model (SmolLM2-135M: --init smollm2-135m) wants the paper's small rates
-# (THEORY §9); measured on listops, batch 16: shifts 1e-3, LoRA 5e-4, full fine-tuning 3e-5
-# (issue 11's calibration: 3e-3 is worse for shifts, 1e-2 diverges). Batch 16 and 10 warmup steps
-# keep a step near 2 s on 2 CPU cores.
-LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, batch_size=16, rank=8, warmup=10)
+NANO_DEFAULTS = dict(lr=DEFAULT_LR, rank=4, lora_rank=4, batch_size=256, warmup=50, log_every=50)
+# Other people's pretrained language models (SmolLM2-135M: --init smollm2-135m) want the paper's
+# small rates (THEORY §9) and its rank 8. Measured on listops, batch 16 (issue 11's calibration):
+# shifts 1e-3 (3e-3 is worse, 1e-2 diverges), LoRA 5e-4, full fine-tuning 3e-5. Batch 16 keeps a
+# step near 2-3 s on 2 CPU cores; 10 warmup steps, a log line every 10.
+LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_rank=8, batch_size=16,
+                   warmup=10, log_every=10)
 
 # ---------------------------------------------------------------------------------------------
 # arguments
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--layers", default=None, help="comma-separated layers to adapt, shifts and LoRA alike (default: all)")
     g = p.add_argument_group("weight updates (weight and joint modes)")
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning "
-                   "(weight mode only; default 8 for weight, 4 for joint)")
+                   "(weight mode only; default 8 for weight, for joint 4, 8 on a pretrained LM)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale is alpha/rank (default alpha = 2·rank)")
     g.add_argument("--ortho-every", type=int, default=1, help="joint: re-apply the orthogonality "
                    "constraint every k steps (0 = off)")
@@ -78,7 +80,7 @@ def parse_args(argv=None):
                    "weights in pretrain / full fine-tuning)")
     g.add_argument("--lora-lr", type=float, default=None, help=f"peak learning rate of LoRA (default {DEFAULT_LR['lora']})")
     g.add_argument("--n-train", type=int, default=20000, help="built-in tasks: number of training examples")
-    g.add_argument("--log-every", type=int, default=50, help="print a log line every k steps")
+    g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
@@ -106,17 +108,17 @@ def resolve_args(args):
         raise ValueError(f"unknown adapter {args.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
     if args.act not in nanosteer.ACTIVATIONS:
         raise ValueError(f"unknown activation {args.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
-    # other people's pretrained language models get the defaults of LM_DEFAULTS
+    # other people's pretrained language models get LM_DEFAULTS, our own small models NANO_DEFAULTS
     lm = args.mode != "pretrain" and (args.init in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES)
                                       or os.path.isdir(args.init) or args.init.endswith(".gguf"))
-    args.rank = (LM_DEFAULTS["rank"] if lm else 4) if args.rank is None else args.rank
-    args.batch_size = (LM_DEFAULTS["batch_size"] if lm else 256) if args.batch_size is None else args.batch_size
-    args.warmup = (LM_DEFAULTS["warmup"] if lm else 50) if args.warmup is None else args.warmup
-    lrs = LM_DEFAULTS["lr"] if lm else DEFAULT_LR
+    defaults = LM_DEFAULTS if lm else NANO_DEFAULTS
+    for key in ("rank", "batch_size", "warmup", "log_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     if args.rank <= 0:
         raise ValueError(f"--rank must be positive, got {args.rank}")
     if args.lora_rank is None:
-        args.lora_rank = {"weight": 8, "joint": 8 if lm else 4}.get(args.mode, 0)
+        args.lora_rank = {"weight": 8, "joint": defaults["lora_rank"]}.get(args.mode, 0)
     if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
         raise ValueError(f"--lora-rank {args.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
                          "in weight mode)")
@@ -134,6 +136,7 @@ def resolve_args(args):
             args.layers = [int(s) for s in args.layers.split(",")]
         except ValueError:
             raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    lrs = defaults["lr"]
     weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else lrs["full"]
     uses_shifts = args.mode in ("activation", "joint")
     args.lr = (lrs["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr

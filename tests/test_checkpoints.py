@@ -352,3 +352,26 @@ def test_smollm2_tokenizer_matches_the_reference_ids_and_round_trips(smollm2):
     for text in ("[MAX 2 [MIN 7 4] 1]=", "  x\n\n\ty = 3.5 # it's\r\n", "Ünïcödé 🙂 東京"):
         assert enc.decode(enc.encode_ordinary(text)) == text
     assert (enc.eot_token, enc.n_vocab) == (0, 49152)
+
+
+@needs_smollm2
+def test_smollm2_ids_grow_in_merge_order_so_tiktoken_merges_as_the_merges_list_does():
+    import gguf
+    reader = gguf.GGUFReader(checkpoints.smollm2_path())
+    tokens, merges = (reader.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges"))
+    ids = {t: i for i, t in enumerate(tokens)}
+    merged = [ids[a + b] for a, b in (m.split(" ") for m in merges)]
+    assert len(merged) == 48900 and all(x < y for x, y in zip(merged, merged[1:]))
+
+
+def test_train_py_with_a_corrupt_gguf_fails_in_one_line_with_status_2(tmp_path):
+    import subprocess
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(llama_config()))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "train.py", "--mode", "activation", "--init", path, "--device", "cpu",
+                           "--out-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"train.py: error: {path} is not a readable GGUF file")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

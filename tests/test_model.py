@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from model import GPT, GPTConfig, gelu, gelu_prime  # noqa: E402
+from model import GPT, GPTConfig, gelu, gelu_prime, rotary  # noqa: E402
 
 torch.set_num_threads(1)  # tensors this small run faster on one thread than on a busy pool
 
@@ -147,3 +147,106 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_pat
         with pytest.raises(ValueError, match="does not match its own config") as e:
             GPT.from_pretrained(str(tmp_path / f"{name}.pt"))
         assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Llama-family switches, each checked against an independent computation
+
+def llama_tiny(**kw):
+    return tiny_config(**{**dict(n_head=4, n_kv_head=2, mlp_width=48, bias=False, mlp="glu", norm="rmsnorm",
+                                 pos="rotary", rope_theta=500000.0), **kw})
+
+
+def test_llama_config_builds_a_llama_block():
+    model = random_model(llama_tiny(tie_embeddings=False))
+    block = model.transformer.h[0]
+    assert "wpe" not in model.transformer and model.lm_head.weight is not model.transformer.wte.weight
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert isinstance(block.ln_1, torch.nn.RMSNorm) and isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
+    assert block.attn.c_attn.weight.shape == (32 + 2 * 2 * 8, 32)         # q: 4 heads, k and v: 2 heads of 8
+    assert block.mlp.c_gate.weight.shape == block.mlp.c_fc.weight.shape == (48, 32)
+    assert block.mlp.c_proj.weight.shape == (32, 48) and model.config.d_mlp == 48
+
+
+def test_rmsnorm_is_x_over_its_root_mean_square():
+    norm = random_model(llama_tiny()).transformer.h[0].ln_2
+    x = torch.randn(3, 5, 32)
+    reference = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), reference, rtol=0, atol=1e-6)
+
+
+def test_rotary_turns_pairs_i_and_i_plus_half_by_position_times_frequency():
+    theta, T, hs = 500000.0, 7, 8
+    x = torch.randn(1, 2, T, hs, dtype=torch.float64)
+    out = rotary(x, theta)
+    for t in range(T):
+        for i in range(hs // 2):
+            a = t * theta ** (-2 * i / hs)
+            z = torch.complex(x[..., t, i], x[..., t, i + hs // 2]) * torch.exp(torch.tensor(1j * a))
+            torch.testing.assert_close(out[..., t, i], z.real, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[..., t, i + hs // 2], z.imag, rtol=0, atol=1e-6)
+    # so q·k depends only on the distance between the two positions
+    q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
+    rq, rk = rotary(q.expand(1, 1, T, hs), theta)[0, 0], rotary(k.expand(1, 1, T, hs), theta)[0, 0]
+    torch.testing.assert_close(rq[5] @ rk[3], rq[4] @ rk[2])
+
+
+def test_grouped_query_attention_matches_repeated_heads_by_hand():
+    config = llama_tiny()
+    attn = random_model(config).transformer.h[0].attn
+    x = torch.randn(2, 9, 32)
+    q, k, v = attn.c_attn(x).split([32, 16, 16], dim=2)
+    q = rotary(q.view(2, 9, 4, 8).transpose(1, 2), config.rope_theta)
+    k = rotary(k.view(2, 9, 2, 8).transpose(1, 2), config.rope_theta).repeat_interleave(2, dim=1)
+    v = v.view(2, 9, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)     # heads 0, 1 share kv head 0
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), -float("inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(attn(x), attn.c_proj(y), rtol=0, atol=1e-5)
+
+
+def test_llama_model_is_causal():
+    config = llama_tiny()
+    model, idx = random_model(config), tokens(config)
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % config.vocab_size
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mlp", "swiglu", "unknown mlp 'swiglu'"), ("norm", "batchnorm", "unknown norm"), ("pos", "alibi", "unknown pos"),
+    ("n_kv_head", 3, "multiple of n_kv_head"), ("n_head", 5, "multiple of n_head")])
+def test_a_bad_config_is_a_one_line_value_error(field, value, message):
+    with pytest.raises(ValueError, match=message) as e:
+        tiny_config(**{field: value})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="even head size"):
+        tiny_config(n_head=4, n_embd=36, pos="rotary")
+
+
+# ---------------------------------------------------------------------------------------------
+# hazards: saving a model that holds adapters; a probe that raises
+
+def test_saving_a_model_with_adapters_says_what_is_wrong_and_writes_nothing(tmp_path):
+    import nanosteer
+    for attach in (lambda m: nanosteer.steer(m, "block_out", "linear", 2), lambda m: nanosteer.lora(m, 2)):
+        model = random_model(tiny_config())
+        attach(model)
+        path = str(tmp_path / "model.pt")
+        with pytest.raises(ValueError, match="holds adapters .* nanosteer.save") as e:
+            model.save(path)
+        assert "\n" not in str(e.value) and not os.path.exists(path) and not os.path.exists(path + ".tmp")
+
+
+def test_block_run_empties_the_slot_even_when_the_forward_raises():
+    block = random_model(tiny_config()).transformer.h[0]
+
+    def broken(s):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        block.run(torch.randn(1, 3, 32), "mlp_out", broken)
+    slot = block.slots["mlp_out"]
+    assert slot.shift is None and slot.recording is False and slot.activation is None

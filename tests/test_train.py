@@ -323,7 +323,7 @@ BAD = [  # arguments after the defaults (they override them), what the message m
     pytest.param(lambda t: ["--mode", "activation", "--init", write_garbage(t)], "garbage.pt is not a nanosteer",
                  id="init-not-a-checkpoint"),
     pytest.param(lambda t: ["--mode", "activation", "--init", t], "is not a Hugging Face model directory",
-                 id="init-not-a-gpt2-dir"),
+                 id="init-not-a-model-dir"),
     pytest.param(lambda t: ["--mode", "joint", "--adapter", "reft"], "joint mode steers block_out with a linear",
                  id="joint-reft"),
     pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--warmup, --ortho-every and --ckpt-every ≥ 0", id="ortho-negative"),

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
@@ -301,10 +302,8 @@ def train(args):
             optimizer.step()
             if args.mode == "joint" and args.ortho_every and (step + 1) % args.ortho_every == 0:
                 nanosteer.orthogonalize(model)                      # the same on every process
-            step_loss = loss.detach() / world
-            if world > 1:
-                dist.all_reduce(step_loss)                          # the sum: the global batch's mean loss
-            losses.append(step_loss.item())
+            summed = all_reduce(loss.detach()) if world > 1 else loss.detach()   # world × the batch's mean
+            losses.append(summed.item() / world)
             if rank == 0 and (ctrl_c or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
                 save_resume(resume_path, args, step + 1, losses, model, optimizer, batches)
                 stopped = "; stopped (Ctrl-C): the same command with --resume goes on" if ctrl_c else ""
@@ -312,11 +311,10 @@ def train(args):
             if ctrl_c:
                 raise KeyboardInterrupt
             if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-                elapsed = time.time() - t0
-                eta = elapsed / (step + 1 - start) * (args.steps - step - 1)
-                tokens_per_s = (step + 1 - start) * args.batch_size * train_x.shape[1] / elapsed   # padded rows
-                print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
-                      f"{1000 * elapsed / (step + 1 - start):4.0f} ms | {tokens_per_s:6.0f} tok/s | eta {eta:4.0f} s")
+                per_step = (time.time() - t0) / (step + 1 - start)
+                tokens_per_s = args.batch_size * train_x.shape[1] / per_step                 # padded rows
+                print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | {1000 * per_step:4.0f} "
+                      f"ms | {tokens_per_s:6.0f} tok/s | eta {per_step * (args.steps - step - 1):4.0f} s")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     train_seconds = time.time() - t0

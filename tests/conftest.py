@@ -24,13 +24,11 @@ from model import GPT, GPTConfig  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
 
 
-def run_script(*args, timeout=300, one_thread=True):
+def run_script(*args, timeout=300):
     """Run `python <args>` (e.g. "train.py", "--mode", "joint") in the repo root; the
-    CompletedProcess. A first argument "torchrun" runs torchrun instead of python. one_thread=False
-    leaves torch's thread count to the script."""
+    CompletedProcess. A first argument "torchrun" runs torchrun instead of python."""
     cmd = [sys.executable, "-m", "torch.distributed.run"] if args[0] == "torchrun" else [sys.executable, args[0]]
-    env = ENV if one_thread else {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd + [str(a) for a in args[1:]], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run(cmd + [str(a) for a in args[1:]], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -21,7 +21,7 @@ from model import GPT
 
 
 def python(*args):
-    return run_script(*args, timeout=600, one_thread=False)     # compare.py chooses its own threads
+    return run_script(*args, timeout=600)
 
 
 def sha256(path):

@@ -84,7 +84,7 @@ def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
         raise ValueError(f"unknown adapter kind {kind!r}: choose one of {', '.join(SHIFTS)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}: choose one of {', '.join(ACTIVATIONS)}")
-    n = 4 * model.config.n_embd if site == "mlp_hidden" else model.config.n_embd
+    n = model.config.d_mlp if site == "mlp_hidden" else model.config.n_embd
     if kind != "vector" and not 1 <= rank <= n:
         raise ValueError(f"rank {rank} is out of range: it must be between 1 and the width {n} of {site}")
     like, shifts = model.lm_head.weight, []          # new tensors take the model's dtype and device

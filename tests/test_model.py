@@ -1,11 +1,10 @@
 """
 Tests of model.py, the GPT-2 in plain PyTorch: the GELU formula, causality, init, greedy
-generation, and loading checkpoints (our own files, and Hugging Face GPT-2 directories that
-the tests write themselves, as model.safetensors and as pytorch_model.bin).
+generation, the Llama-family switches, and our own checkpoint files (other formats:
+tests/test_checkpoints.py).
 
 Run:  python -m pytest tests/test_model.py -q
 """
-import json
 import math
 import os
 import sys
@@ -16,8 +15,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from model import GPT, GPTConfig, gelu, gelu_prime  # noqa: E402
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 torch.set_num_threads(1)  # tensors this small run faster on one thread than on a busy pool
 
@@ -138,102 +135,6 @@ def test_save_then_from_pretrained_reproduces_logits(tmp_path, mlp):
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
     assert not os.path.exists(path + ".tmp")
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: the Hugging Face GPT-2 layout, written here by hand
-
-
-def hf_tensors(model, prefix):
-    """The model's weights under Hugging Face GPT-2 names: Conv1D weights stored (in, out), the
-    causal-mask buffers h.i.attn.bias / masked_bias, and an lm_head.weight of its own."""
-    config, out = model.config, {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        key = key.removeprefix("transformer.")
-        out[prefix + key] = (tensor.t() if key.endswith(CONV1D) else tensor).contiguous().clone()
-    T = config.block_size
-    for i in range(config.n_layer):
-        out[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
-        out[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    out["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    return out
-
-
-def write_safetensors(path, tensors):
-    """The safetensors byte format: 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, tensor in tensors.items():
-        data = tensor.detach().float().contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the reference writer pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        f.write(b"".join(blobs))
-
-
-def write_hf_dir(folder, model, fmt, prefix, drop=None, untransposed=None):
-    c = model.config
-    hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-                     n_positions=c.block_size, n_ctx=c.block_size, vocab_size=c.vocab_size,
-                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=1e-5,
-                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config, f)
-    tensors = hf_tensors(model, prefix)
-    if drop is not None:
-        del tensors[prefix + drop]
-    if untransposed is not None:
-        tensors[prefix + untransposed] = tensors[prefix + untransposed].t().contiguous()
-    if fmt == "safetensors":
-        write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-    else:
-        torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
-    return str(folder)
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("prefix", ["", "transformer."])
-def test_from_pretrained_hf_gpt2_layout_reproduces_logits(tmp_path, fmt, prefix):
-    config = tiny_config(n_layer=3)
-    model = random_model(config)
-    folder = write_hf_dir(tmp_path / "gpt2", model, fmt, prefix)
-    loaded = GPT.from_pretrained(folder).eval()
-    assert (loaded.config.block_size, loaded.config.vocab_size, loaded.config.n_layer,
-            loaded.config.n_head, loaded.config.n_embd) == (16, 61, 3, 2, 32)
-    for key, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], tensor), key
-    idx = tokens(config)
-    with torch.no_grad():
-        assert torch.equal(loaded(idx)[0], model(idx)[0])
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_from_pretrained_missing_tensor_is_a_clear_error(tmp_path, fmt):
-    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), fmt, "", drop="h.1.ln_2.weight")
-    with pytest.raises(ValueError, match=r"lacks .*h\.1\.ln_2\.weight") as e:
-        GPT.from_pretrained(folder)
-    assert "\n" not in str(e.value)
-
-
-def test_from_pretrained_untransposed_conv1d_weight_is_a_clear_error(tmp_path):
-    # c_fc is (in, out) = (32, 128) in the file; stored the nn.Linear way it no longer fits
-    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), "bin", "", untransposed="h.0.mlp.c_fc.weight")
-    with pytest.raises(ValueError, match=r"h\.0\.mlp\.c_fc\.weight has shape") as e:
-        GPT.from_pretrained(folder)
-    assert "\n" not in str(e.value)
-
-
-def test_from_pretrained_unknown_name_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no file, directory or GPT-2 model name"):
-        GPT.from_pretrained(str(tmp_path / "nowhere"))
 
 
 def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_path):

@@ -1,8 +1,7 @@
 """equivalence.py: docs/THEORY.md §3–§8 (Adila et al., 2026, "Weight Updates as Activation Shifts")
 checked with numbers, one function per demonstration. main() prints a line per claim (measured |
 predicted | diff | tol | ok), writes equivalence.json and three figures. `python equivalence.py`
-runs on the built-in base model (else a fresh small GPT); `--init smollm2-135m` on a real one.
-Random updates and fitted shifts: fits.py; a block with one slot filled: Block.run in model.py."""
+runs on the built-in base model (else a fresh small GPT); `--init smollm2-135m` on a real one."""
 import argparse
 import copy
 import json
@@ -18,6 +17,7 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import checkpoints
 import nanosteer as ns
 import tasks
 from fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401 (fit_shift:
@@ -32,7 +32,7 @@ FOLDS = {site: ("vector",) if site in ("resid_mid", "block_out") else ("vector",
 @torch.no_grad()
 def bridge_error(block, x, rank=RANK):
     """Largest gap, over the block's Linears, between W ← W + ΔW and shifting the output by ΔW x."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)                                  # LoRA's random A
     worst = 0.0
     for path in [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]:
         shifted = copy.deepcopy(block)                    # a LoRALinear outputs W x + b + s·B A x
@@ -54,7 +54,7 @@ def mlp_first_order(mlp, h, d, proj_term=True):
     """THEORY §4, closed form: δy ≈ ΔW_proj m + Δb_proj + W_proj δm for an update d of the MLP;
     proj_term=False leaves ΔW_proj m out (the slope-1 control)."""
     u = mlp.c_fc(h)
-    if hasattr(mlp, "c_gate"):  # GLU: δm = silu'(a_g) ⊙ a_u ⊙ δa_g + silu(a_g) ⊙ δa_u, silu = a·sig
+    if mlp.gated:               # GLU: δm = silu'(a_g) ⊙ a_u ⊙ δa_g + silu(a_g) ⊙ δa_u, silu = a·sig
         a_g, sig = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))     # silu'(a) = sig·(1 + a(1 − sig))
         dm = sig * (1 + a_g * (1 - sig)) * u * linear_change(d, "c_gate", h) \
             + a_g * sig * linear_change(d, "c_fc", h)
@@ -135,17 +135,15 @@ def oracle_demo(model, idx, x, layer, seed=0):
 @torch.no_grad()
 def ortho_demo(model, rank=RANK):
     """Max |D V| (V: orthonormal basis of col(B) of the mlp.c_proj LoRA) before and after."""
-    joint, overlaps = copy.deepcopy(model), []
+    joint = copy.deepcopy(model)
     torch.manual_seed(0)
     loras = ns.lora(joint, rank, targets=("mlp.c_proj",))
     shifts = ns.steer(joint, "block_out", "linear", rank)
-    for lora in loras:
-        lora.lora_B.normal_()                    # as after training (B = 0 at init)
-    for _ in range(2):                           # before, then after D ← D (I − V Vᵀ) (THEORY §7)
-        overlaps.append(max((s.D @ torch.linalg.qr(lora.lora_B).Q).abs().max().item()
-                            for s, lora in zip(shifts, loras)))
-        ns.orthogonalize(joint)
-    return dict(before=overlaps[0], after=overlaps[1])
+    bases = [torch.linalg.qr(lora.lora_B.normal_()).Q for lora in loras]  # B ≠ 0, as after training
+    before = max((shift.D @ V).abs().max().item() for shift, V in zip(shifts, bases))
+    ns.orthogonalize(joint)                      # THEORY §7: D ← D (I − V Vᵀ)
+    after = max((shift.D @ V).abs().max().item() for shift, V in zip(shifts, bases))
+    return dict(before=before, after=after)
 
 @torch.no_grad()
 def fold_errors(model, idx, layer, seed=0):
@@ -209,12 +207,12 @@ def plot(r, out):
         plt.close(fig)
 
 def load(args):
-    """-> (frozen model in eval mode, tokens (8, T) of prose (docs/THEORY.md), a name)."""
+    """-> (frozen model in eval mode, tokens (8, T) of prose: docs/THEORY.md, a name)."""
     explicit = args.init != "out/base/model.pt"            # then a missing file is an error
     name = args.init if explicit or os.path.isfile(args.init) else "random init (no checkpoint)"
     torch.manual_seed(0)                                   # the init when there is no checkpoint
-    model = GPT.from_pretrained(name) if name == args.init else GPT(GPTConfig(n_layer=4, n_embd=64))
-    enc = tasks.byte_encoding()
+    model, enc = checkpoints.load(name) if name == args.init else \
+        (GPT(GPTConfig(n_layer=4, n_embd=64)), tasks.byte_encoding())
     model = ns.freeze(model.to(args.device, getattr(torch, args.dtype)).eval())
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "THEORY.md")) as f:
         ids, T = enc.encode(f.read()), min(32, model.config.block_size)
@@ -255,7 +253,7 @@ def write(r, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check docs/THEORY.md §3–§8 with numbers.")
     parser.add_argument("--init", "--checkpoint", default="out/base/model.pt",
-                        help="a GPT.save file; default: the built-in base model, else a fresh GPT")
+                        help="any checkpoints.load name: smollm2-135m, a .gguf, a GPT.save file...")
     parser.add_argument("--device", choices=["cpu", "cuda"] if torch.cuda.is_available() else
                         ["cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",
@@ -270,7 +268,8 @@ def main(argv=None):
     rows, r["seconds"] = claims(r, 1e-10 if args.dtype == "float64" else 1e-4), time.time() - start
     print_report(r, rows)
     write(r, args.out)
-    print(f"{name} | block {layer} | {args.device} {args.dtype} | {r['seconds']:.1f} s | {args.out}")
+    print(f"{name} | block {layer} | {args.device} {args.dtype} | {r['seconds']:.1f} s | "
+          f"details: {args.out}/")
     return all(ok for *_, ok in rows)
 
 if __name__ == "__main__":

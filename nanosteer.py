@@ -173,9 +173,9 @@ def orthogonalize(model, rtol=1e-4):
 
 @torch.no_grad()
 def fold(model):
-    """Move each vector, linear or ReFT shift Δ(s) = M s + c into the Linear beside its slot; same
-    logits. Checks every slot first and changes nothing if one cannot fold (`why`). A vector needs
-    a bias: with bias=False (Llama) fold refuses rather than add one. LoRA there: merge first."""
+    """Move every vector, linear and ReFT shift Δ(s) = M s + c into the Linear beside its slot (same
+    logits). All slots are checked first; if one cannot fold (see `why`), nothing changes. A vector
+    needs a bias: with bias=False fold refuses rather than add one. LoRA there: merge it first."""
     plan = []
     for layer, block in enumerate(model.transformer.h):
         for site, shift in [(site, slot.shift) for site, slot in block.slots.items() if slot.shift]:

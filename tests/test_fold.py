@@ -124,3 +124,12 @@ def test_without_biases_a_linear_shift_folds_and_a_vector_is_refused():
         with pytest.raises(ValueError, match=f"^layer 1 attn_out: cannot fold a {kind} shift, .*bias"):
             ns.fold(model)
         model.transformer.h[1].slots["attn_out"].shift = None
+
+
+def test_fold_on_a_llama_style_model():
+    model, idx = tiny("glu", norm="rmsnorm", pos="rotary", n_kv_head=1, bias=False, mlp_width=48)
+    for site in ("attn_out", "mlp_in", "mlp_hidden", "mlp_out"):
+        randomize(ns.steer(model, site, "linear", rank=3), seed=len(site))
+    steered = logits(model, idx)
+    ns.fold(model)
+    assert (logits(model, idx) - steered).abs().max() <= 1e-10

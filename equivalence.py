@@ -187,9 +187,9 @@ def plot(r, out):
     figures = [plt.subplots(figsize=(6.5, 4)) for _ in range(3)]
     (_, ax), (_, bx), (_, cx) = figures
     for kind, f in r["first_order"].items():
-        ax.loglog(EPS, f["errors"], "o-", label=f"{kind}: ε·jvp, slope {f['slope']:.2f}")
-        ax.loglog(EPS, f["control_errors"], "s--",
-                  label=f"{kind}: closed form without ΔW_proj·m, slope {f['control_slope']:.2f}")
+        ax.loglog(EPS, f["errors"], "o-", label=f"{kind}, ε·jvp: slope {f['slope']:.2f}")
+        ax.loglog(EPS, f["control_errors"], "s--", label=f"{kind}, closed form without ΔW_proj·m "
+                  f"(MLP update only): slope {f['control_slope']:.2f}")
     ax.set(xlabel="update size ε", ylabel="max |z(θ+εΔ) − z(θ) − ε·prediction|",
            title="THEORY §4: first-order error")
     for i, kind in enumerate(KINDS):

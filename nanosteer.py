@@ -180,17 +180,15 @@ def fold(model):
     for layer, block in enumerate(model.transformer.h):
         for site, shift in [(site, slot.shift) for site, slot in block.slots.items() if slot.shift]:
             part = block.attn if site in ("attn_out", "resid_mid") else block.mlp
-            linears = [getattr(part, n) for n in ("c_fc", "c_gate", "c_proj")
-                       if hasattr(part, n) and (n == "c_proj") != (site == "mlp_in")]
-            kind, on_stream = shift.kind, site in ("resid_mid", "block_out")
-            lora = any(isinstance(lin, LoRALinear) for lin in linears)
-            why = [why for why, bad in [
-                ("U σ(D s) is not affine in s", kind == "nonlinear"),
-                ("its U D r reads the skip path", kind != "vector" and on_stream),
-                ("its Linear has LoRA: nanosteer.merge first", lora),
-                ("fold adds no bias", kind != "linear" and linears[0].bias is None)] if bad]
-            if why:
-                raise ValueError(f"layer {layer} {site}: cannot fold a {kind} shift, {why[0]}")
+            names = ("c_fc", "c_gate") if site == "mlp_in" else ("c_proj",)
+            linears = [getattr(part, name) for name in names if hasattr(part, name)]
+            kind, on_stream = shift.kind, site in ("resid_mid", "block_out")  # on the skip path
+            why = {"U σ(D s) is not affine in s": kind == "nonlinear",
+                   "its U D r reads the skip path": kind != "vector" and on_stream,
+                   "its Linear has LoRA: nanosteer.merge first": LoRALinear in map(type, linears),
+                   "fold adds no bias": kind != "linear" and linears[0].bias is None}
+            for reason in [reason for reason, bad in why.items() if bad][:1]:
+                raise ValueError(f"layer {layer} {site}: cannot fold a {kind} shift, {reason}")
             plan.append((site in ("mlp_in", "mlp_hidden"), block.slots[site], linears))
     for inside, slot, linears in plan:            # inside: Δ acts on the Linear's input (THEORY §8)
         eye = torch.eye(linears[0].weight.shape[inside]).to(linears[0].weight)

@@ -169,6 +169,39 @@ def orthogonalize(model, rtol=1e-4):
         shift.D -= (shift.D @ V) @ V.T
 
 # ---------------------------------------------------------------------------------------------
+# folding shifts into the weights: the bridge of §3 in reverse, THEORY §8
+
+@torch.no_grad()
+def fold(model):
+    """Move every vector, linear and ReFT shift Δ(s) = M s + c into the Linear beside its slot (same
+    logits). All slots are checked first; if one cannot fold (see `why`), nothing changes. A vector
+    needs a bias: with bias=False fold refuses rather than add one. LoRA there: merge it first."""
+    plan = []
+    for layer, block in enumerate(model.transformer.h):
+        for site, shift in [(site, slot.shift) for site, slot in block.slots.items() if slot.shift]:
+            part = block.attn if site in ("attn_out", "resid_mid") else block.mlp
+            names = ("c_fc", "c_gate") if site == "mlp_in" else ("c_proj",)
+            linears = [getattr(part, name) for name in names if hasattr(part, name)]
+            kind, on_stream = shift.kind, site in ("resid_mid", "block_out")  # on the skip path
+            why = {"U σ(D s) is not affine in s": kind == "nonlinear",
+                   "its U D r reads the skip path": kind != "vector" and on_stream,
+                   "its Linear has LoRA: nanosteer.merge first": LoRALinear in map(type, linears),
+                   "fold adds no bias": kind != "linear" and linears[0].bias is None}
+            for reason in [reason for reason, bad in why.items() if bad][:1]:
+                raise ValueError(f"layer {layer} {site}: cannot fold a {kind} shift, {reason}")
+            plan.append((site in ("mlp_in", "mlp_hidden"), block.slots[site], linears))
+    for inside, slot, linears in plan:            # inside: Δ acts on the Linear's input (THEORY §8)
+        eye = torch.eye(linears[0].weight.shape[inside]).to(linears[0].weight)
+        c = slot.shift(0 * eye[0])                # Δ affine: c = Δ(0), column i of M = Δ(e_i) − c
+        M = (slot.shift(eye) - c + 0 * eye).T     # (ReFT: M = Rᵀ(W − R), c = Rᵀ b)
+        for lin in linears:                       # inside: W (I + M), b + W c
+            if lin.bias is not None:              # outside: (I + M) W, (I + M) b + c
+                lin.bias += lin.weight @ c if inside else M @ lin.bias + c
+            lin.weight += lin.weight @ M if inside else M @ lin.weight
+        slot.shift = None
+    return model
+
+# ---------------------------------------------------------------------------------------------
 # looking inside: captured activations, oracle shifts, a parameter report
 
 @contextmanager

@@ -189,11 +189,15 @@ def save_resume(path, args, step, losses, model, optimizer, batches):
 
 def load_resume(path, args, model, optimizer, batches):
     """Restore what save_resume wrote, if from a run with these arguments. -> (steps done, their losses)"""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_args = state["args"]
+    except Exception as e:  # truncated, another kind of file: one line for the user
+        raise ValueError(f"{path} is not a resume file of train.py ({type(e).__name__}): start without --resume") from None
     free = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
     for key, value in vars(args).items():
-        if key not in free and state["args"].get(key) != value:
-            raise ValueError(f"{path} comes from a run with {key}={state['args'].get(key)!r}, not {value!r}: "
+        if key not in free and saved_args.get(key) != value:
+            raise ValueError(f"{path} comes from a run with {key}={saved_args.get(key)!r}, not {value!r}: "
                              "resume with that run's arguments, or choose another --out-dir")
     model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
     optimizer.load_state_dict(state["optimizer"])

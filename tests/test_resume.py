@@ -92,3 +92,14 @@ def test_resuming_with_other_arguments_is_a_one_line_error(change, key, short_ru
         train.train(train.resolve_args(train.parse_args(argv)))
     assert str(e.value).startswith(f"{short_run / 'resume.pt'} comes from a run with {key}=")
     assert "\n" not in str(e.value) and (short_run / "resume.pt").read_bytes() == before
+
+
+def test_a_corrupt_resume_file_is_a_one_line_error(short_run, tiny_base, tmp_path):
+    import train
+    shutil.copytree(short_run, tmp_path / "run")
+    with open(tmp_path / "run" / "resume.pt", "r+b") as f:
+        f.truncate(100)
+    argv = ["--init", str(tiny_base), *RUN, "--steps", "4", "--resume", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="is not a resume file of train.py") as e:
+        train.train(train.resolve_args(train.parse_args(argv)))
+    assert "\n" not in str(e.value)

@@ -32,12 +32,12 @@ from model import GPT, gelu_prime
 
 def share_recovered(shift, s, delta):
     """1 − ‖Δ(s) − δ‖² / ‖δ‖²: at mlp_out and block_out the shift adds to z directly, so this is
-    eq.fit_shift's score, 1 − ‖z_steered − z_target‖² / ‖z − z_target‖², computed without the block."""
+    eq.fit_shift's score, 1 − ‖z_steered − z_target‖² / ‖z − z_target‖², without running the block."""
     return 1 - ((shift(s) - delta) ** 2).sum().item() / (delta ** 2).sum().item()
 
 
 def lbfgs(shift, s, delta, iters=200):
-    """Fit `shift` in place, full-batch L-BFGS on ‖Δ(s) − δ‖² / ‖δ‖² (as eq.fit_shift; no lr to tune)."""
+    """Fit `shift` in place: full-batch L-BFGS on ‖Δ(s) − δ‖² / ‖δ‖² (as eq.fit_shift: no lr to tune)."""
     scale = (delta ** 2).sum()
     opt = torch.optim.LBFGS(shift.parameters(), max_iter=iters, tolerance_change=0,
                             line_search_fn="strong_wolfe")
@@ -105,7 +105,7 @@ def oracle_inputs(base, tuned, idx, site):
     that should produce Δ_ℓ sees block ℓ's activations on that same stream z_FT,ℓ−1."""
     with ns.capture(tuned, ["block_out"]) as acts:
         tuned(idx)
-    streams = [base.embed(idx)] + acts["block_out"][:-1]        # z_FT,ℓ−1 (as ns.oracle: base's embedding)
+    streams = [base.embed(idx)] + acts["block_out"][:-1]        # z_FT,ℓ−1 (ns.oracle's convention)
     deltas = ns.oracle(base, tuned, idx)
     return [(block.run(x, site)[1].flatten(0, 1), delta.flatten(0, 1))
             for block, x, delta in zip(base.transformer.h, streams, deltas)]
@@ -153,7 +153,8 @@ def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2)):
     the tuned model is measured. -> {row: (share recovered per layer, KL)}."""
     eot = tasks.get_tokenizer("bytes").eot_token
     target, mask = tuned(idx_test)[0].detach(), real_tokens(idx_test, eot)
-    rows = {"no steer": ([0.0] * base.config.n_layer, kl_to_tuned(target, steered_logits(base, tuned, idx_test), mask))}
+    no_steer = kl_to_tuned(target, steered_logits(base, tuned, idx_test), mask)
+    rows = {"no steer": ([0.0] * base.config.n_layer, no_steer)}
     oracle = [Fixed(d) for d in ns.oracle(base, tuned, idx_test)]
     rows["oracle"] = ([1.0] * base.config.n_layer,
                       kl_to_tuned(target, steered_logits(base, tuned, idx_test, "block_out", oracle), mask))
@@ -212,7 +213,7 @@ def train_watching(argv, every=10, project_writes=False):
     log = dict(steps=[], read=[], write=[], losses=[])
     for step in range(args.steps):
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * train.lr_factor(step, args.steps)
+            g["lr"] = g["peak_lr"] * train.lr_factor(step, args.steps, getattr(args, "warmup", 50))
         rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
         _, loss = model(train_x[rows], train_y[rows])
         optimizer.zero_grad(set_to_none=True)
@@ -261,7 +262,8 @@ def solution_1_1(block, x, d_mlp):
     direction, eps = {"mlp." + k: v for k, v in d_mlp.items()}, [10.0 ** (-k / 2) for k in range(2, 13)]
     errors = eq.first_order_errors(block, x, direction, formula, eps)    # ε from 1e-1 down to 1e-6
     u = block.mlp.c_fc(block.run(x, "mlp_in")[1])
-    slope = [float(np.polyfit(np.log(eps[i:i + 3]), np.log(errors[i:i + 3]), 1)[0]) for i in (0, len(eps) - 3)]
+    slope = [float(np.polyfit(np.log(eps[i:i + 3]), np.log(errors[i:i + 3]), 1)[0])
+             for i in (0, len(eps) - 3)]
     return dict(eps=eps, errors=errors, slope_large=slope[0], slope_small=slope[1],
                 mismatch=(gelu_prime(u) - erf_gelu_prime(u)).abs().max().item())
 
@@ -273,8 +275,8 @@ def solution_1_2(block, x, d_mlp):
     parts = {"W_fc only (term 2)": {"mlp.c_fc.weight": d_mlp["c_fc.weight"]},
              "W_proj only (term 1)": {"mlp.c_proj.weight": d_mlp["c_proj.weight"]}}
     target = {name: eq.updated(block, update)(x) for name, update in parts.items()}
-    return {name: {site: eq.fit_shift(block, site, "linear", x, target[name])[1] for site in ("mlp_in", "attn_out")}
-            for name in parts}
+    return {name: {site: eq.fit_shift(block, site, "linear", x, target[name])[1]
+                   for site in ("mlp_in", "attn_out")} for name in parts}
 
 
 def solution_1_3(model, idx, layer, rank=4):
@@ -322,7 +324,7 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
             "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work]
     with _quiet():
         train.train(train.resolve_args(train.parse_args(argv)))
-    tuned = ns.merge(ns.load(GPT.from_pretrained(checkpoint).double(), work + "/adapters.pt")).eval()  # merged in float64
+    tuned = ns.merge(ns.load(GPT.from_pretrained(checkpoint).double(), work + "/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
                         base.config.block_size)
@@ -332,7 +334,8 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
     for layer, (b, t) in enumerate(zip(base.transformer.h, tuned.transformer.h)):
         tp = dict(t.named_parameters())
         update = {n: tp[n] - p for n, p in b.named_parameters()}
-        ranks.append({n: int(torch.linalg.matrix_rank(d, rtol=1e-9)) for n, d in update.items() if d.dim() == 2})
+        ranks.append({n: int(torch.linalg.matrix_rank(d, rtol=1e-9))      # merged in float64: exact
+                      for n, d in update.items() if d.dim() == 2})
         fitted.append(eq.where_to_steer(b, streams[layer].detach(), update))
     return dict(ranks=ranks, fitted=fitted)
 
@@ -350,9 +353,10 @@ def solution_3_1(checkpoint, work, steps, batch, n_train, lora_rank=1):
     -> {name: results of train.train} for LoRA r_l, post-block r_s, post-MLP r_s."""
     common = ["--task", "boolq", "--init", checkpoint, "--steps", str(steps), "--batch-size", str(batch),
               "--n-train", str(n_train)]
+    r_s = str(8 * lora_rank)
     runs = {f"LoRA r={lora_rank}": ["--mode", "weight", "--lora-rank", str(lora_rank)],
-            f"post-block r={8 * lora_rank}": ["--mode", "activation", "--site", "post_block", "--rank", str(8 * lora_rank)],
-            f"post-MLP r={8 * lora_rank}": ["--mode", "activation", "--site", "post_mlp", "--rank", str(8 * lora_rank)]}
+            f"post-block r={r_s}": ["--mode", "activation", "--site", "post_block", "--rank", r_s],
+            f"post-MLP r={r_s}": ["--mode", "activation", "--site", "post_mlp", "--rank", r_s]}
     results = {}
     for i, (name, flags) in enumerate(runs.items()):
         with _quiet():

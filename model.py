@@ -1,13 +1,14 @@
 """
-model.py: GPT-2 in plain PyTorch, with a named, empty steering slot at every site of every block.
-GPT-2's architecture (Radford et al., 2019): pre-LayerNorm blocks, learned positions, fused qkv
-attention, a 4x MLP with tanh-GELU, tied embeddings; GPT-2's module names, so its weights load key
-for key. The slots are the "sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours.
+model.py: GPT-2 and Llama-style transformers in plain PyTorch, with a named, empty steering slot at
+every site of every block. GPT-2 (Radford et al., 2019): pre-LayerNorm blocks, learned positions,
+a 4x MLP with tanh-GELU, tied embeddings, GPT-2's module names so its weights load key for key.
+A few GPTConfig switches make a Llama-family block instead (Touvron et al., 2023; SmolLM2 is one):
+RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases. The slots are the
+"sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours; other people's checkpoint
+formats live in checkpoints.py.
 """
-import json
 import math
 import os
-import urllib.request
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,14 +42,54 @@ def check_layers(model, layers):
 
 @dataclass
 class GPTConfig:
-    block_size: int = 128    # longest sequence the position embedding covers
+    block_size: int = 128    # longest sequence (the learned position table has this many rows)
     vocab_size: int = 257    # 257 = 256 bytes + <|endoftext|> (GPT-2's BPE has 50257)
     n_layer: int = 4         # number of blocks
-    n_head: int = 4          # attention heads per block
-    n_embd: int = 128        # residual stream width d (the MLP is 4d wide)
+    n_head: int = 4          # attention (query) heads per block
+    n_embd: int = 128        # residual stream width d
     dropout: float = 0.0     # dropout on attention weights and on each residual branch
-    bias: bool = True        # biases in Linear layers and LayerNorms, as in GPT-2
+    bias: bool = True        # biases in Linear layers and LayerNorms, as in GPT-2 (Llama: none)
     mlp: str = "gelu"        # "gelu": GPT-2's MLP; "glu": gated MLP with a SiLU gate (THEORY §4)
+    mlp_width: int = 0       # the MLP's hidden width; 0 means GPT-2's 4·n_embd (SmolLM2: 1536)
+    n_kv_head: int = 0       # key/value heads; fewer than n_head is grouped-query attention; 0 = n_head
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama: scale only, no mean, no bias)
+    norm_eps: float = 1e-5   # the epsilon inside every norm
+    pos: str = "learned"     # "learned": a position table wpe (GPT-2); "rotary": rotate q, k (Llama)
+    rope_theta: float = 10000.0  # rotary base θ: pair i of a head turns by t·θ^(−2i/head_dim)
+    tie_embeddings: bool = True  # lm_head shares its weight with wte
+
+    def __post_init__(self):
+        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"), pos=("learned", "rotary"))
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, and n_head "
+                             f"a multiple of n_kv_head {self.n_kv_head}")
+        if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head size n_embd / n_head")
+
+    @property
+    def d_mlp(self):         # the MLP's hidden width, the width of the mlp_hidden site
+        return self.mlp_width or 4 * self.n_embd
+
+
+def make_norm(config):
+    """The one place that chooses the norm: LayerNorm (x − mean)/std·w + b, or RMSNorm x/rms(x)·w."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rotary(x, theta):
+    """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: for each token
+    t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)."""
+    T, hs = x.shape[-2], x.shape[-1]
+    freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq         # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class Slot(nn.Module):
@@ -73,19 +114,27 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.rope_theta = config.rope_theta if config.pos == "rotary" else None
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        kv_width = self.n_kv_head * self.head_size                  # < n_embd with grouped-query attention
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)                       # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        kv_width = self.n_kv_head * self.head_size
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)                   # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if self.rope_theta is not None:
+            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                           enable_gqa=self.n_kv_head != self.n_head)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -97,38 +146,43 @@ def gelu(u):
 
 
 def gelu_prime(u):
-    # d/du of the tanh GELU: ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²), t = tanh(√(2/π)(u + 0.044715u³))
+    # The model never calls this: equivalence.py and the notebooks need the derivative of the
+    # model's own GELU for THEORY §4, so it lives next to it. d/du of the tanh GELU:
+    # ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²), t = tanh(√(2/π)(u + 0.044715u³))
     c, t = (2.0 / math.pi) ** 0.5, torch.tanh((2.0 / math.pi) ** 0.5 * (u + 0.044715 * u ** 3))
     return 0.5 * (1 + t) + 0.5 * u * (1 - t ** 2) * c * (1 + 3 * 0.044715 * u ** 2)
 
 
 class MLP(nn.Module):
-    """gelu: m = gelu(W_fc h + b_fc).  glu: m = silu(W_gate h) ⊙ (W_fc h)  (THEORY §4).
-    Either way the output is y = W_proj m + b_proj; Block.forward applies c_proj itself so that
-    the hidden site m has a slot of its own."""
+    """gelu: m = gelu(W_fc h + b_fc).  glu: m = silu(W_gate h) ⊙ (W_fc h)  (THEORY §4; Llama's
+    gate_proj is c_gate, up_proj c_fc, down_proj c_proj). Either way y = W_proj m + b_proj. The two
+    halves are separate methods so that Block.forward can put the mlp_hidden slot between them."""
 
     def __init__(self, config):
         super().__init__()
-        assert config.mlp in ("gelu", "glu"), f"unknown mlp {config.mlp!r}: use 'gelu' or 'glu'"
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        if config.mlp == "glu":
-            self.c_gate = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.gated = config.mlp == "glu"
+        self.c_fc = nn.Linear(config.n_embd, config.d_mlp, bias=config.bias)
+        if self.gated:
+            self.c_gate = nn.Linear(config.n_embd, config.d_mlp, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_mlp, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def hidden(self, h):
-        if hasattr(self, "c_gate"):
+    def hidden(self, h):                      # h (B, T, C) -> m (B, T, d_mlp)
+        if self.gated:
             return F.silu(self.c_gate(h)) * self.c_fc(h)
         return gelu(self.c_fc(h))
+
+    def project(self, m):                     # m (B, T, d_mlp) -> y (B, T, C)
+        return self.dropout(self.c_proj(m))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
         self.slots = nn.ModuleDict({site: Slot() for site in SITES})
 
@@ -137,18 +191,21 @@ class Block(nn.Module):
         a = self.slots["attn_out"](self.attn(self.ln_1(x)))            # (B, T, C)
         r = self.slots["resid_mid"](x + a)                              # (B, T, C)
         h = self.slots["mlp_in"](self.ln_2(r))                          # (B, T, C)
-        m = self.slots["mlp_hidden"](self.mlp.hidden(h))                # (B, T, 4C)
-        y = self.slots["mlp_out"](self.mlp.dropout(self.mlp.c_proj(m)))  # (B, T, C)
+        m = self.slots["mlp_hidden"](self.mlp.hidden(h))                # (B, T, d_mlp)
+        y = self.slots["mlp_out"](self.mlp.project(m))                  # (B, T, C)
         z = self.slots["block_out"](r + y)                              # (B, T, C)
         return z
 
     def run(self, x, site, shift=None):
-        """self(x) with `shift` in the slot at `site` for this call only -> (output, activation at site)."""
+        """self(x) with `shift` in the slot at `site` for this call only -> (output, activation at
+        site). The model never calls it; equivalence.py and the notebooks use it to probe one site."""
         slot = self.slots[site]
         slot.shift, slot.recording = shift, True
-        z = self(x)
-        s, slot.shift, slot.recording, slot.activation = slot.activation, None, False, None  # empty again
-        return z, s
+        try:
+            z = self(x)
+            return z, slot.activation
+        finally:                                  # empty again, even if the forward raised
+            slot.shift, slot.recording, slot.activation = None, False, None
 
 
 class GPT(nn.Module):
@@ -156,20 +213,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos == "learned":                        # rotary positions need no table
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **parts,                                       # GPT-2's order, so a seed gives GPT-2's init
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2 and SmolLM2
         self.init_weights()
 
     def init_weights(self):
-        """GPT-2's init: every Linear and Embedding weight ~ N(0, 0.02²), biases 0, LayerNorms
-        weight 1 / bias 0; the projections that write into the residual stream (attn.c_proj,
+        """GPT-2's init: every Linear and Embedding weight ~ N(0, 0.02²), biases 0, norm weights 1
+        (LayerNorm bias 0); the projections that write into the residual stream (attn.c_proj,
         mlp.c_proj) ~ N(0, (0.02/sqrt(2·n_layer))²) so the stream's variance does not grow with depth."""
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -177,13 +237,15 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
 
     def embed(self, idx):
-        """Token plus position embeddings: the residual stream entering block 0."""
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        """Token (plus, for GPT-2, position) embeddings: the residual stream entering block 0."""
+        x = self.transformer.wte(idx)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return self.transformer.drop(x)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab). With targets (B, T), also the mean
@@ -205,13 +267,13 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens. Whatever sits in the slots acts at every
         position, prompt and generated tokens alike. temperature 0 means greedy."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :]
+            logits, _ = self(idx[:, -self.config.block_size:])          # the whole (cropped) prefix again
+            logits = logits[:, -1, :]                                     # only the last position predicts
             if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+                next_id = logits.argmax(dim=-1, keepdim=True)             # greedy
             else:
-                logits = logits / temperature
-                if top_k is not None:
+                logits = logits / temperature                             # < 1 sharpens, > 1 flattens
+                if top_k is not None:                                     # keep the k most likely tokens
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
@@ -219,105 +281,37 @@ class GPT(nn.Module):
         return idx
 
     # ----------------------------------------------------------------------------------------
-    # saving and loading whole models
+    # saving and loading our own checkpoints (other formats: checkpoints.py)
 
-    def save(self, path, **extra):
-        """Write config + weights (+ extra fields such as the tokenizer name) to path, via a
-        temporary file and a rename, so a crash never leaves half a checkpoint behind."""
-        payload = dict(config=asdict(self.config), model=self.state_dict(), **extra)
+    def save(self, path, tokenizer="bytes"):
+        """Write config + weights + the tokenizer's name (checkpoints.load reads it) to path, via a
+        temporary file and a rename, so a crash never leaves half a checkpoint behind. Only a bare
+        model is saved: adapters go to their own file (nanosteer.save) or into the weights first."""
+        with torch.device("meta"):                                   # the bare model's names, no memory
+            bare = set(GPT(self.config).state_dict())
+        extra = [k for k in self.state_dict() if k not in bare]
+        if extra:
+            raise ValueError(f"this model holds adapters ({len(extra)} tensors such as {extra[0]}): save "
+                             "them with nanosteer.save, or merge/fold them into the weights first")
+        payload = dict(config=asdict(self.config), model=self.state_dict(), tokenizer=tokenizer)
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
-        """A checkpoint written by GPT.save (a file), a directory in the Hugging Face GPT-2 layout
-        (config.json + model.safetensors or pytorch_model.bin), or one of the names gpt2,
-        gpt2-medium, gpt2-large, gpt2-xl (downloaded once into ~/.cache/nanosteer)."""
-        if os.path.isfile(name_or_path):
-            try:
-                ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)  # no code runs
-            except Exception as e:  # a file that is not a torch checkpoint fails in many different ways
-                raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
-            if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-                raise ValueError(f"{name_or_path} is not a nanosteer model checkpoint (no config/model)")
-            try:
-                model = cls(GPTConfig(**ckpt["config"]))
-                model.load_state_dict(ckpt["model"])
-            except (TypeError, RuntimeError) as e:  # an unknown config field; tensors of other shapes
-                detail = str(e).strip().splitlines()[-1].strip()
-                raise ValueError(f"{name_or_path} does not match its own config: {detail}") from None
-            return model
-        if not os.path.isdir(name_or_path):
-            if name_or_path not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-                raise ValueError(f"{name_or_path} is no file, directory or GPT-2 model name")
-            name_or_path = download_gpt2(name_or_path)
-        return load_hf_gpt2(cls, name_or_path)
-
-
-def download_gpt2(name):
-    """Fetch config.json and model.safetensors of a GPT-2 model from the Hugging Face hub, once."""
-    folder = os.path.join(os.path.expanduser("~/.cache/nanosteer"), name)
-    os.makedirs(folder, exist_ok=True)
-    for file in ("config.json", "model.safetensors"):
-        target = os.path.join(folder, file)
-        if os.path.exists(target):
-            continue
+    def from_pretrained(cls, path):
+        """A checkpoint written by GPT.save. Returns the model; its tokenizer's name is in
+        model.tokenizer_name (checkpoints.load turns it into the tokenizer)."""
         try:
-            urllib.request.urlretrieve(f"https://huggingface.co/{name}/resolve/main/{file}", target + ".tmp")
-        except OSError as e:
-            raise ValueError(f"could not download {name} ({e}); offline, pass a local directory in the "
-                             "Hugging Face GPT-2 layout instead") from None
-        os.replace(target + ".tmp", target)
-    return folder
-
-
-def read_safetensors(path):
-    """The safetensors format: 8 bytes little-endian header size, a JSON header mapping each name
-    to its dtype, shape and byte range, then the raw bytes. A dozen lines, no code execution."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = bytearray(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__" or info["dtype"] not in dtypes:
-            continue
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
-        tensors[name] = flat.reshape(info["shape"]).float()
-    return tensors
-
-
-def load_hf_gpt2(cls, folder):
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{folder} is not a Hugging Face GPT-2 directory (no config.json)")
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        sd_hf = read_safetensors(os.path.join(folder, "model.safetensors"))
-    else:
-        sd_hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    model = cls(config)
-    sd = model.state_dict()
-    missing = {k for k in sd if k != "lm_head.weight"}
-    # HF's GPT-2 uses Conv1D layers whose weights are stored (in, out): transpose them for nn.Linear.
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    for key, tensor in sd_hf.items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # causal-mask buffers, and the output head that is tied to wte
-        ours = "transformer." + key
-        if ours not in sd:
-            raise ValueError(f"{folder}: unexpected tensor {key!r} for a GPT-2 model")
-        tensor = tensor.t() if key.endswith(conv1d) else tensor
-        if tensor.shape != sd[ours].shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(sd[ours].shape)}")
-        with torch.no_grad():
-            sd[ours].copy_(tensor)
-        missing.discard(ours)
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {sorted(missing)[0]} (and {len(missing) - 1} more)")
-    return model
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
+        except Exception as e:  # a file that is not a torch checkpoint fails in many different ways
+            raise ValueError(f"{path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path} is not a nanosteer model checkpoint (no config/model)")
+        try:
+            model = cls(GPTConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, RuntimeError) as e:  # an unknown config field; tensors of other shapes
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise ValueError(f"{path} does not match its own config: {detail}") from None
+        model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # files from before it was recorded
+        return model

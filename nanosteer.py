@@ -84,7 +84,7 @@ def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
         raise ValueError(f"unknown adapter kind {kind!r}: choose one of {', '.join(SHIFTS)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}: choose one of {', '.join(ACTIVATIONS)}")
-    n = 4 * model.config.n_embd if site == "mlp_hidden" else model.config.n_embd
+    n = model.config.d_mlp if site == "mlp_hidden" else model.config.n_embd
     if kind != "vector" and not 1 <= rank <= n:
         raise ValueError(f"rank {rank} is out of range: it must be between 1 and the width {n} of {site}")
     like, shifts = model.lm_head.weight, []          # new tensors take the model's dtype and device
@@ -167,6 +167,53 @@ def orthogonalize(model, rtol=1e-4):
         U, S, _ = torch.linalg.svd(c_proj.lora_B.double(), full_matrices=False)  # SVD in float64
         V = U[:, S > rtol * S[0]].to(shift.D.dtype)                     # (d, k), k ≤ r
         shift.D -= (shift.D @ V) @ V.T
+
+# ---------------------------------------------------------------------------------------------
+# folding shifts into the weights: the bridge of §3 in reverse, THEORY §8
+
+def affine(shift):
+    """The shifts that fold are affine, Δ(s) = M s + c (THEORY §8) -> (M, c), M (n, n), c (n,):
+    vector M = 0, c = v;  linear M = U D, c = 0;  ReFT M = Rᵀ(W − R), c = Rᵀ b."""
+    if shift.kind == "vector":
+        return shift.v.new_zeros(len(shift.v), len(shift.v)), shift.v
+    if shift.kind == "linear":
+        return shift.U @ shift.D, shift.U.new_zeros(len(shift.U))
+    R = shift.R()
+    return R.T @ (shift.W - R), R.T @ shift.b
+
+@torch.no_grad()
+def fold(model):
+    """Move every vector, linear and ReFT shift into the Linear beside its slot (same logits) and
+    empty the slot. All slots are checked first; if one cannot fold (see `why`), nothing changes.
+    A vector needs a bias: with bias=False fold refuses rather than add one. LoRA there: merge first."""
+    plan = []
+    for layer, block in enumerate(model.transformer.h):
+        for site, shift in [(site, slot.shift) for site, slot in block.slots.items() if slot.shift is not None]:
+            part = block.attn if site in ("attn_out", "resid_mid") else block.mlp
+            names = ("c_fc", "c_gate") if site == "mlp_in" else ("c_proj",)
+            linears = [getattr(part, name) for name in names if hasattr(part, name)]
+            kind, on_stream = shift.kind, site in ("resid_mid", "block_out")  # on the skip path
+            why = {"U σ(D s) is not affine in s": kind == "nonlinear",
+                   "its U D r reads the skip path": kind != "vector" and on_stream,
+                   "its Linear has LoRA: nanosteer.merge first": LoRALinear in map(type, linears),
+                   "fold adds no bias": kind != "linear" and linears[0].bias is None}
+            reasons = [reason for reason, bad in why.items() if bad]
+            if reasons:
+                raise ValueError(f"layer {layer} {site}: cannot fold a {kind} shift, {reasons[0]}")
+            plan.append((site in ("mlp_in", "mlp_hidden"), block.slots[site], linears))
+    for inside, slot, linears in plan:            # inside: the shift acts on the Linear's input
+        M, c = affine(slot.shift)
+        for lin in linears:
+            if inside:                            # W (s + M s + c) + b = W (I + M) s + (b + W c)
+                if lin.bias is not None:
+                    lin.bias += lin.weight @ c
+                lin.weight += lin.weight @ M
+            else:                                 # (I + M)(W x + b) + c = (I + M) W x + (I + M) b + c
+                if lin.bias is not None:
+                    lin.bias += M @ lin.bias + c
+                lin.weight += M @ lin.weight
+        slot.shift = None
+    return model
 
 # ---------------------------------------------------------------------------------------------
 # looking inside: captured activations, oracle shifts, a parameter report

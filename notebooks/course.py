@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import equivalence as eq
 import nanosteer as ns
 import tasks
@@ -206,14 +207,15 @@ def train_watching(argv, every=10, project_writes=False):
     -> dict(steps, read, write (per record, per block), losses)."""
     args = train.resolve_args(train.parse_args(argv))
     splits = tasks.make_splits(args.task, args.seed, args.n_train)
-    model = train.build_model(args, "cpu")
-    train_x, train_y = tasks.pack(splits["train"], tasks.get_tokenizer("bytes"), model.config.block_size)
+    base, enc = checkpoints.load(args.init)          # as train.train: loaded before build_model seeds
+    model = train.build_model(args, "cpu", base)     # the adapters' random init
+    train_x, train_y = tasks.pack(splits["train"], enc, model.config.block_size)
     optimizer = train.make_optimizer(model, args)
     batches = torch.Generator().manual_seed(args.seed)
     log = dict(steps=[], read=[], write=[], losses=[])
     for step in range(args.steps):
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * train.lr_factor(step, args.steps, getattr(args, "warmup", 50))
+            g["lr"] = g["peak_lr"] * train.lr_factor(step, args.steps, args.warmup)
         rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
         _, loss = model(train_x[rows], train_y[rows])
         optimizer.zero_grad(set_to_none=True)

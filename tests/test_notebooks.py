@@ -1,16 +1,23 @@
 """
 Tests of notebooks/: each notebook has the course's shape (10-30 cells, a first markdown cell that
-says what it teaches, exercises at the end), is committed executed, and its code cells run top to
-bottom without error.
+says what it teaches and how long it runs, exercises at the end), is committed executed with
+readable figures, states claims that its committed outputs bear out, and runs top to bottom; the
+exercise solutions in notebooks/course.py give what the exercises promise.
 
     python -m pytest tests/test_notebooks.py
 
 The cells run as plain Python (no Jupyter needed) in one fresh namespace per notebook, with the
 working directory a reader would have (notebooks/), matplotlib's Agg backend, and
 NANOSTEER_QUICK=1, which the notebooks read to shrink their budgets (fewer steps, smaller models).
+Each notebook ends with a "claims" cell: rows (claim, measured, ok, holds at any scale). The rows
+that hold at any scale are asserted on the quick run; every row is asserted in the committed
+outputs, which come from the full run.
 """
+import base64
 import json
 import linecache
+import re
+import struct
 import sys
 from pathlib import Path
 
@@ -18,7 +25,14 @@ import matplotlib
 import pytest
 import torch
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
+import course  # noqa: E402  (notebooks/course.py: the notebooks' helpers and exercise solutions)
+import equivalence as eq  # noqa: E402
+import nanosteer as ns  # noqa: E402
+import tasks  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # torch.func.jvp loads torch's own forward-mode decompositions through torch.jit.script, which warns
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -28,6 +42,14 @@ def cells(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     assert nb["nbformat"] == 4, f"{path.name}: not an nbformat 4 notebook"
     return [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
+
+
+def code_cells(path):
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+
+
+def text_output(cell):
+    return "".join("".join(out["text"]) for out in cell["outputs"] if out["output_type"] == "stream")
 
 
 def test_there_are_at_least_three_notebooks():
@@ -41,28 +63,54 @@ def test_notebook_shape(path):
     kind, first = nb[0]
     assert kind == "markdown" and "teaches" in first and "Read alongside" in first, \
         f"{path.name}: the first cell must be markdown saying what it teaches and what to read alongside"
+    assert re.search(r"\*\*Time:\*\* about \d+ s on a 2-core CPU", first), f"{path.name}: the first cell states no CPU time"
     kind, last = nb[-1]
     assert kind == "markdown" and "Exercises" in last and "Hint" in last, \
         f"{path.name}: the last cell must be markdown with the exercises and their hints"
     assert 2 <= last.count("*Hint:*") <= 3, f"{path.name}: two or three exercises, each with a hint"
+    assert "course.solution_" in last, f"{path.name}: the exercises must point to their solutions"
     for i, (kind, source) in enumerate(nb):
         magic = [line for line in source.splitlines() if kind == "code" and line.lstrip()[:1] in ("%", "!")]
         assert not magic, f"{path.name} cell {i}: IPython magic {magic[0]!r}; the cells must be plain Python"
+        assert "equivalence.run" not in source and "eq.run" not in source, f"{path.name} cell {i}: eq.run is Block.run"
+
+
+def png_width(data):
+    return struct.unpack(">I", base64.b64decode(data)[16:20])[0]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_executed(path):
     """The committed file carries its outputs, from one top-to-bottom run, so it reads without running."""
-    code = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    code = code_cells(path)
     assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), \
         f"{path.name}: execute it top to bottom in a fresh kernel before committing"
-    assert any("image/png" in out.get("data", {}) for c in code for out in c["outputs"]), f"{path.name}: no figure"
+    images = [out["data"]["image/png"] for c in code for out in c["outputs"] if "image/png" in out.get("data", {})]
+    assert images, f"{path.name}: no figure"
+    assert min(map(png_width, images)) >= 700, f"{path.name}: a figure narrower than 700 px: draw it at 150 dpi"
     assert not any(out["output_type"] == "error" for c in code for out in c["outputs"]), f"{path.name}: an error output"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch):
-    """Exec every code cell in order; any exception fails the test and names the cell."""
+def test_committed_claims_hold_and_time_is_stated(path):
+    """The last code cell checks the narrative's claims against the run's numbers: all ok in the committed
+    run; and the first cell's CPU time is the one that run printed (±25%, +10 s)."""
+    claims = code_cells(path)[-1]
+    assert "".join(claims["source"]).startswith("claims") or "claims = [" in "".join(claims["source"])
+    out = text_output(claims)
+    rows = [line for line in out.splitlines() if re.search(r"\| (ok|NO)( {2}\(measured\))?$", line)]
+    assert len(rows) >= 4, f"{path.name}: the claims cell printed {len(rows)} rows"
+    failed = [row for row in rows if "| NO" in row]
+    assert not failed, f"{path.name}: claims that the committed run does not bear out: {failed}"
+    ran = float(re.search(r"this notebook ran in (\d+) s", out).group(1))
+    stated = float(re.search(r"\*\*Time:\*\* about (\d+) s", cells(path)[0][1]).group(1))
+    assert 0.75 * ran - 10 <= stated <= 1.25 * ran + 10, f"{path.name}: first cell says {stated} s, the run took {ran} s"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_and_its_scale_free_claims_hold(path, monkeypatch):
+    """Exec every code cell in order (quick mode); any exception fails the test and names the cell. Then the
+    claims that hold at any scale must hold in this run too; figures are drawn at 150 dpi or more."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -77,7 +125,115 @@ def test_notebook_runs(path, monkeypatch):
                 name = f"{path.name}, cell {i}"
                 linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # for tracebacks
                 exec(compile(source, name, "exec"), namespace)
+        assert plt.rcParams["figure.dpi"] >= 150, f"{path.name}: figures below 150 dpi"
+        failed = [(claim, measured) for claim, measured, ok, anywhere in namespace["claims"] if anywhere and not ok]
+        assert not failed, f"{path.name}: claims that must hold at any scale failed in the quick run: {failed}"
     finally:
         namespace.clear()                                    # also deletes the notebook's temporary folders
         plt.close("all")
         torch.set_num_threads(threads)
+
+# ---------------------------------------------------------------------------------------------
+# the exercise solutions (notebooks/course.py), on tiny models: each gives what its exercise promises
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is fastest, and does not thrash a busy CPU (as in equivalence.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random 2-block GPT (d = 32) in float64, 8 boolq prompts, the stream entering block 1."""
+    torch.manual_seed(0)
+    model = ns.freeze(GPT(GPTConfig(n_layer=2, n_embd=32)).double().eval())
+    idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:8], tasks.get_tokenizer("bytes"), 128)
+    with ns.capture(model, ["block_out"]) as acts:
+        model(idx)
+    return model, idx, acts["block_out"][0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nb-solutions") / "base.pt"
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_embd=32)).save(str(path), tokenizer="bytes")
+    return str(path)
+
+
+def test_solution_1_1_a_wrong_derivative_shows_slope_1_at_small_eps(tiny):
+    model, _, x = tiny
+    block = model.transformer.h[1]
+    with torch.no_grad():                       # pre-activations of order 1, where the two GELUs differ
+        big = eq.updated(block, {"mlp.c_fc.weight": 20 * block.mlp.c_fc.weight})
+    r = course.solution_1_1(big, x, eq.random_update(big.mlp, seed=2))
+    assert 1e-4 < r["mismatch"] < 1e-2
+    assert abs(r["slope_small"] - 1) < 0.15 and r["slope_large"] > r["slope_small"] + 0.3, r
+
+
+def test_solution_1_2_mlp_in_imitates_a_w_fc_update_better_than_a_w_proj_update(tiny):
+    model, _, x = tiny
+    block = model.transformer.h[1]
+    r = course.solution_1_2(block, x, eq.random_update(block.mlp, seed=2))
+    assert r["W_fc only (term 2)"]["mlp_in"] > r["W_proj only (term 1)"]["mlp_in"], r
+    assert all(0 < share <= 1 for sites in r.values() for share in sites.values()), r
+
+
+def test_solution_1_3_lora_on_c_fc_is_rank_4_before_gelu_and_not_after(tiny):
+    model, idx, _ = tiny
+    r = course.solution_1_3(model, idx, layer=1)
+    assert r["u"] == 4 and r["m"] > 4 * 4, r
+
+
+def test_solution_2_1_leaving_out_one_oracle_breaks_the_stream_from_there_on(tiny):
+    model, idx, _ = tiny
+    tuned = eq.updated(model, {f"transformer.h.{i}.{n}": d for i, b in enumerate(model.transformer.h)
+                               for n, d in eq.random_update(b, i).items()})
+    gaps = course.solution_2_1(model, tuned, idx, leave_out=1)
+    assert gaps[0] < 1e-10 < 1e-3 < gaps[1], gaps
+    assert max(course.solution_2_1(model, tuned, idx, leave_out=None)) < 1e-10
+
+
+def test_solution_2_2_a_lora_fine_tune_changes_each_weight_by_rank_at_most_4(tiny, tiny_checkpoint, tmp_path):
+    model = ns.freeze(GPT.from_pretrained(tiny_checkpoint).double().eval())
+    r = course.solution_2_2(model, tiny_checkpoint, str(tmp_path), steps=3, batch=8)
+    assert all(0 < rank <= 4 for block in r["ranks"] for rank in block.values()), r["ranks"]
+    assert len(r["fitted"]) == 2 and all(-1 < s["block_out"]["linear"] <= 1 for s, _ in r["fitted"])
+
+
+def test_solution_3_1_equal_budgets_have_equal_parameter_counts(tiny_checkpoint, tmp_path):
+    r = course.solution_3_1(tiny_checkpoint, str(tmp_path), steps=2, batch=8, n_train=100)
+    counts = {name: x["trainable_params"] for name, x in r.items()}
+    assert len(set(counts.values())) == 1 and 2 * 16 * 32 in counts.values(), counts
+
+
+def test_solution_3_2_and_3_3_the_constraint_zeroes_the_overlap_right_after_each_projection(tiny_checkpoint):
+    argv = ["--mode", "joint", "--task", "boolq", "--init", tiny_checkpoint, "--steps", "20", "--batch-size", "8",
+            "--n-train", "100", "--lr", "3e-2", "--lora-lr", "3e-2"]
+    logs = course.solution_3_2(argv, everies=(1, 10, 0), every=5)
+    assert max(max(read) for read in logs[1]["read"]) < 1e-5
+    projected = [max(read) for step, read in zip(logs[10]["steps"], logs[10]["read"]) if step % 10 == 0]
+    between = [max(read) for step, read in zip(logs[10]["steps"], logs[10]["read"]) if step % 10 != 0]
+    assert max(projected) < 1e-5 < min(between), logs[10]
+    assert min(max(read) for read in logs[0]["read"]) > 1e-3
+    writes = course.solution_3_3(argv, every=5)
+    assert max(max(read) for read in writes["read"]) < 1e-5 and max(max(w) for w in writes["write"]) < 1e-5
+
+
+def test_train_watching_repeats_train_py_step_for_step(tiny_checkpoint, tmp_path):
+    import train
+    argv = ["--mode", "joint", "--task", "boolq", "--init", tiny_checkpoint, "--steps", "6", "--batch-size", "8",
+            "--n-train", "100"]
+    with course._quiet():
+        reference = train.train(train.resolve_args(train.parse_args([*argv, "--out-dir", str(tmp_path)])))
+    assert course.train_watching(argv, every=3)["losses"] == pytest.approx(reference["losses"], rel=1e-6)
+
+
+def test_majority_baseline_is_the_most_common_test_answer():
+    answer, share = course.majority_baseline("boolq")
+    answers = [c for _, c in tasks.make_splits("boolq", 0, n_train=0)["test"]]
+    assert answer == max(set(answers), key=answers.count) and share == answers.count(answer) / len(answers) >= 0.5

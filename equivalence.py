@@ -121,9 +121,9 @@ def projection_error(block, x, rank=RANK, seed=0):
     return gaps[0].item(), gaps[1].item()
 
 # ---- THEORY §6–§8: oracle shifts; joint adaptation; folding -------------------------------------
-def oracle_demo(model, idx, x, layer, seed=0):
+def oracle_demo(model, idx, layer, seed=0):
     """THEORY §6 after an update of every block: the oracle added at every block_out replays the
-    tuned logits (max error); its rank and fits at `layer` (fits.oracle_fits)."""
+    tuned logits (max error); its rank and its fits at `layer` on the tuned stream (fits.py)."""
     blocks = model.transformer.h
     tuned = updated(model, {f"transformer.h.{i}.{name}": delta for i, block in enumerate(blocks)
                             for name, delta in random_update(block, seed + i).items()})
@@ -131,7 +131,10 @@ def oracle_demo(model, idx, x, layer, seed=0):
     for block, oracle_shift in zip(blocks, deltas):   # the base model; the oracle at each block_out
         z = block(z) + oracle_shift
     replay = (model.lm_head(model.transformer.ln_f(z)) - tuned(idx)[0]).abs().max().item()
-    return dict(replay_max_abs_err=replay, **oracle_fits(blocks[layer], x, deltas[layer]))
+    stream = tuned.embed(idx)
+    for block in tuned.transformer.h[:layer]:
+        stream = block(stream)                 # z_tuned,ℓ−1: the stream the oracle is defined on
+    return dict(replay_max_abs_err=replay, **oracle_fits(blocks[layer], stream, deltas[layer]))
 
 @torch.no_grad()
 def ortho_demo(model, rank=RANK):
@@ -228,7 +231,7 @@ def compute(model, idx, layer):
     return dict(bridge_max_abs_err=bridge_error(block, x), site_recovery=site_table,
                 first_order={kind: first_order(model, x, layer, kind) for kind in ("gelu", "glu")},
                 skip_share=skip_share, wproj_zero=wproj_zero(block, x),
-                oracle=oracle_demo(model, idx, x, layer), ortho_max_abs=ortho_demo(model),
+                oracle=oracle_demo(model, idx, layer), ortho_max_abs=ortho_demo(model),
                 projection_max_abs_err=projection_error(block, x)[0], tokens=idx.numel(),
                 fold=fold_errors(model, idx, layer), mlp_share=mlp_share(model, idx))
 

@@ -133,7 +133,7 @@ def test_projection_matches_exactly_only_with_complementary_subspaces():
 
 def test_oracle_replays_the_tuned_model_and_is_lower_rank_than_noise():
     model, idx, x, _ = tiny()
-    out = eq.oracle_demo(model, idx, x, layer=1)
+    out = eq.oracle_demo(model, idx, layer=1)
     assert out["replay_max_abs_err"] <= 1e-10
     assert out["rank90"] < out["rank90_noise"]
     assert 0 < out["linear_fit"] <= 1 and 0 < out["nonlinear_fit"] <= 1

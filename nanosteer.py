@@ -187,10 +187,10 @@ def affine(shift):
 def fold(model):
     """Move every vector, linear and ReFT shift into the Linear beside its slot (same logits) and
     empty the slot. All slots are checked first; if one cannot fold (see `why`), nothing changes.
-    A vector needs a bias: with bias=False fold refuses rather than add one. LoRA there: merge first."""
+    A vector needs a bias: with bias=False fold refuses rather than add one. LoRA: merge first."""
     plan = []
     for layer, block in enumerate(model.transformer.h):
-        for site, shift in [(site, slot.shift) for site, slot in block.slots.items() if slot.shift is not None]:
+        for site, shift in [(s, slot.shift) for s, slot in block.slots.items() if slot.shift]:
             part = block.attn if site in ("attn_out", "resid_mid") else block.mlp
             names = ("c_fc", "c_gate") if site == "mlp_in" else ("c_proj",)
             linears = [getattr(part, name) for name in names if hasattr(part, name)]

@@ -122,19 +122,17 @@ def projection_error(block, x, rank=RANK, seed=0):
 
 # ---- THEORY §6–§8: oracle shifts; joint adaptation; folding -------------------------------------
 def oracle_demo(model, idx, layer, seed=0):
-    """THEORY §6 after an update of every block: the oracle added at every block_out replays the
-    tuned logits (max error); its rank and its fits at `layer` on the tuned stream (fits.py)."""
+    """THEORY §6 after an update of every block: the oracle at every block_out replays the tuned
+    logits (max error); its rank and fits at `layer`, on the tuned stream (fits.oracle_fits)."""
     blocks = model.transformer.h
     tuned = updated(model, {f"transformer.h.{i}.{name}": delta for i, block in enumerate(blocks)
                             for name, delta in random_update(block, seed + i).items()})
-    deltas, z = ns.oracle(model, tuned, idx), model.embed(idx)
+    deltas, z, zs = ns.oracle(model, tuned, idx), model.embed(idx), []
     for block, oracle_shift in zip(blocks, deltas):   # the base model; the oracle at each block_out
+        zs.append(z)                                  # z_tuned,ℓ−1: the replay IS the tuned stream
         z = block(z) + oracle_shift
     replay = (model.lm_head(model.transformer.ln_f(z)) - tuned(idx)[0]).abs().max().item()
-    stream = tuned.embed(idx)
-    for block in tuned.transformer.h[:layer]:
-        stream = block(stream)                 # z_tuned,ℓ−1: the stream the oracle is defined on
-    return dict(replay_max_abs_err=replay, **oracle_fits(blocks[layer], stream, deltas[layer]))
+    return dict(replay_max_abs_err=replay, **oracle_fits(blocks[layer], zs[layer], deltas[layer]))
 
 @torch.no_grad()
 def ortho_demo(model, rank=RANK):

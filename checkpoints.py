@@ -22,6 +22,11 @@ from tasks import get_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+NAMES = (SMOLLM2, *GPT2_NAMES)                       # checkpoints known by name, not by path
+
+def is_pretrained_lm(name_or_path):
+    """Someone else's pretrained LM (a name, a Hugging Face directory, a .gguf), not our .pt."""
+    return name_or_path in NAMES or os.path.isdir(name_or_path) or name_or_path.endswith(".gguf")
 
 # ---------------------------------------------------------------------------------------------
 # tokenizers: byte-level BPE (GPT-2's scheme) from a vocabulary and merges

@@ -109,8 +109,7 @@ def resolve_args(args):
     if args.act not in nanosteer.ACTIVATIONS:
         raise ValueError(f"unknown activation {args.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
     # other people's pretrained language models get LM_DEFAULTS, our own small models NANO_DEFAULTS
-    lm = args.mode != "pretrain" and (args.init in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES)
-                                      or os.path.isdir(args.init) or args.init.endswith(".gguf"))
+    lm = args.mode != "pretrain" and checkpoints.is_pretrained_lm(args.init)
     defaults = LM_DEFAULTS if lm else NANO_DEFAULTS
     for key in ("rank", "batch_size", "warmup", "log_every"):
         if getattr(args, key) is None:
@@ -147,7 +146,7 @@ def resolve_args(args):
     if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
         raise ValueError(f"--resume: there is no {os.path.join(args.out_dir, 'resume.pt')}; start the run without --resume")
     if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
-            and args.init not in (checkpoints.SMOLLM2, *checkpoints.GPT2_NAMES):
+            and args.init not in checkpoints.NAMES:
         raise ValueError(f"--init {args.init} does not exist: give a checkpoint file, a Hugging Face "
                          f"directory, a .gguf file, {checkpoints.SMOLLM2} or a gpt2 name")
     return args

@@ -174,6 +174,11 @@ def pack(examples, enc, block_size):
 def exact_match(logits, y):
     """Per row: is the argmax right at every target position? With one example per row this is
     exactly 'greedy generation reproduces the completion and then stops': greedy decoding emits
-    the gold tokens one after another iff each is the argmax given the gold prefix before it."""
-    hit = (logits.argmax(dim=-1) == y) | (y == -1)
-    return hit.all(dim=1)
+    the gold tokens one after another iff each is the argmax given the gold prefix before it.
+    logits: (B, T, vocab), or (N, vocab) at y's targets only, as GPT.forward(x, y) returns them."""
+    keep = y != -1
+    if logits.dim() == 3:
+        logits = logits[keep]
+    wrong = (logits.argmax(dim=-1) != y[keep]).long()                  # (N,), one per target
+    misses = torch.zeros(len(y), dtype=torch.long, device=y.device).index_add(0, keep.nonzero()[:, 0], wrong)
+    return misses == 0

@@ -250,8 +250,8 @@ def evaluate(model, x, y, device, autocast, batch_size=50):
     hits = []
     for i in range(0, len(x), batch_size):
         with autocast:
-            logits, _ = model(x[i:i + batch_size].to(device))
-        hits.append(exact_match(logits, y[i:i + batch_size].to(device)))
+            logits, _ = model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+        hits.append(exact_match(logits, y[i:i + batch_size].to(device)))       # (the head at targets only)
     model.train()
     return torch.cat(hits).float().mean().item()
 

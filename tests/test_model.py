@@ -74,9 +74,12 @@ def test_loss_is_cross_entropy_ignoring_minus_one():
     idx, targets = tokens(config), tokens(config, seed=2)
     targets[0, :3] = -1
     logits, loss = model(idx, targets)
-    assert logits.shape == (2, 12, config.vocab_size)
     keep = targets != -1
-    reference = -torch.log_softmax(logits, dim=-1)[keep].gather(1, targets[keep][:, None]).mean()
+    assert logits.shape == (keep.sum(), config.vocab_size)        # the head runs at targets only
+    every_position, no_loss = model(idx)
+    assert every_position.shape == (2, 12, config.vocab_size) and no_loss is None
+    torch.testing.assert_close(logits, every_position[keep], rtol=0, atol=1e-6)
+    reference = -torch.log_softmax(every_position, dim=-1)[keep].gather(1, targets[keep][:, None]).mean()
     torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
 
 

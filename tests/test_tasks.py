@@ -201,6 +201,7 @@ def test_exact_match_ignores_masked_positions():
     logits[:, :, 0] = 1.0                                  # argmax is token 0 everywhere
     y = torch.tensor([[-1, 0, 0, -1], [-1, 0, 3, -1]])
     assert exact_match(logits, y).tolist() == [True, False]
+    assert exact_match(logits[y != -1], y).tolist() == [True, False]   # the head at targets only
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +243,7 @@ def test_exact_match_agrees_with_greedy_generation(small_trained_model):
     x, y = pack(examples, enc, block_size=32)
     with torch.no_grad():
         hits = exact_match(model(x)[0], y).tolist()
+        assert exact_match(model(x, y)[0], y).tolist() == hits         # as train.evaluate calls it
     for (prompt, completion), hit in zip(examples, hits):
         want = enc.encode_ordinary(completion) + [EOT]
         assert hit == (greedy(model, enc, prompt, len(want)) == want), (prompt, completion)

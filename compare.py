@@ -1,81 +1,118 @@
 """
-compare.py: the paper's comparison table in miniature (Adila et al., 2026, THEORY §8).
+compare.py: the paper's comparison table (Adila et al., 2026, THEORY §9) on our own small base
+model (the miniature) or on a real pretrained language model.
 
-    python compare.py            # 10 methods x 3 tasks x 3 seeds, after a learning-rate sweep
-    python compare.py --quick    # a reduced run for tests: boolq, 1 seed, 10 steps, no sweep
+    python compare.py                        # miniature: 10 methods x 3 tasks x 3 seeds, rank 4
+    python compare.py --init smollm2-135m    # SmolLM2-135M, rank 8: listops, 1 seed (2 CPU cores)
+    python compare.py --init smollm2-135m --budget lm-gpu --device cuda    # 3 tasks x 3 seeds
+    python compare.py --quick [--init ...]   # a reduced run for tests: boolq, 1 seed, no sweep
 
 Each run is a `python train.py ...` command line, run in this process with its prints sent to
-train.log. Every method gets the same data, batch size and steps, and rank r = 4 (LoRA too).
+train.log. Every method of a table gets the same data, batch size, steps and rank.
 
-Learning rates: on seed 0, per task, each method runs at the three values of its family's GRID
-(a factor 3 apart around train.py's defaults; the paper sweeps five per family) and keeps the
-best validation accuracy (a tie, e.g. all 0, goes to the lowest training loss of the last 20
-steps). That run is also the seed-0 result (same arguments, same numbers); seeds 1, 2 run at
-the chosen lr. Joint is not swept: it takes the lrs chosen for linear block_out and for LoRA.
+Learning rates, chosen on the validation split of seed 0, per task: a swept method runs at the
+three values of its family's grid and keeps the best validation accuracy (a tie, e.g. all 0,
+goes to the lowest training loss of the last 20 steps). If the best is the smallest or largest
+value tried, the grid grows by one value beyond it, until the best is interior (at most EXTEND
+times). The winning run is also the seed-0 result; seeds 1.. run at the chosen lr. With
+sweep "family" (the 2-core budget for a real LM) only each family's lead is swept (full FT, LoRA,
+linear block_out) and the other shifts take block_out's lr: a third of the runs, but a rate
+tuned for post-block. Joint is never swept: it takes the lrs chosen for linear block_out and LoRA.
 
-Writes into --out-dir (default out/compare): results.md (the table: test accuracy), compare.png,
-results.json (every run, sweep included), train.log (train.py's prints), runs/ (each run's files).
+Writes into --out-dir: results.md (the table: test accuracy), compare.png, results.json (every
+run, sweep included), train.log (train.py's prints), runs/ (each run's files; git ignores them).
 """
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
+from collections import Counter
 
+import checkpoints
 import train
+from tasks import make_splits
 
-R = 4
-SHIFT = ["--mode", "activation", "--rank", f"{R}", "--adapter"]           # a vector ignores --rank
-JOINT = ["--mode", "joint", "--lora-rank", f"{R}", "--rank", f"{R}", "--ortho-every"]
-METHODS = {  # name: (learning-rate family, row label, train.py arguments)
-    "full": ("full", "full fine-tuning", ["--mode", "weight", "--lora-rank", "0"]),
-    "lora": ("lora", "LoRA, every linear layer", ["--mode", "weight", "--lora-rank", f"{R}"]),
+SHIFT = ["--mode", "activation", "--adapter"]                       # a vector ignores --rank
+METHODS = {  # name: (learning-rate family, row label, train.py arguments; the rank is added per family)
+    "full": ("full", "full fine-tuning", ["--mode", "weight"]),
+    "lora": ("lora", "LoRA, every linear layer", ["--mode", "weight"]),
     "reft_mlp_out": ("shift", "ReFT @ mlp_out (post-MLP)", SHIFT + ["reft", "--site", "mlp_out"]),
     "linear_attn_out": ("shift", "linear @ attn_out (pre-MLP)", SHIFT + ["linear", "--site", "attn_out"]),
     "linear_mlp_out": ("shift", "linear @ mlp_out (post-MLP)", SHIFT + ["linear", "--site", "mlp_out"]),
     "linear_block_out": ("shift", "linear @ block_out (post-block)", SHIFT + ["linear", "--site", "block_out"]),
     "nonlinear_block_out": ("shift", "nonlinear @ block_out", SHIFT + ["nonlinear", "--site", "block_out"]),
     "vector_block_out": ("shift", "vector @ block_out", SHIFT + ["vector", "--site", "block_out"]),
-    "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + ["1"]),
-    "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + ["0"]),
+    "joint": ("joint", "joint: LoRA + block_out, orthogonal", ["--mode", "joint", "--ortho-every", "1"]),
+    "joint_no_ortho": ("joint", "joint, --ortho-every 0", ["--mode", "joint", "--ortho-every", "0"]),
 }
-FLAG = {"full": "--lr", "lora": "--lora-lr", "shift": "--lr"}   # the train.py flag each family sweeps
-GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [1e-3, 3e-3, 1e-2], "shift": [3e-3, 1e-2, 3e-2]}
-# one budget for every method; the full one was measured to fit in 45 minutes on 2 CPU cores
-FULL = dict(tasks="listops,arith,boolq", seeds=3, steps=250, batch_size=64, n_train=20000)
-QUICK = dict(tasks="boolq", seeds=1, steps=10, batch_size=16, n_train=200)
+LEAD = {"full": "full", "lora": "lora", "shift": "linear_block_out"}   # swept under sweep "family"
+FLAG = {"full": "--lr", "lora": "--lora-lr", "shift": "--lr"}       # the train.py flag each family sweeps
+EXTEND = 2
+NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
+# a real LM: the paper's ranges (THEORY §9) around issue 11's calibration on SmolLM2 (train.LM_DEFAULTS)
+LM_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [1.5e-4, 5e-4, 1.5e-3], "shift": [3e-4, 1e-3, 3e-3]}
+BUDGETS = {  # one budget for every method of a table; the times are measured ones (README)
+    "nano": dict(tasks="listops,arith,boolq", seeds=3, steps=250, batch_size=64, n_train=20000, n_eval=500,
+                 rank=4, sweep="every"),
+    "nano-quick": dict(tasks="boolq", seeds=1, steps=10, batch_size=16, n_train=200, n_eval=100, rank=4,
+                       sweep="family"),
+    "lm-cpu": dict(tasks="listops", seeds=1, steps=150, batch_size=16, n_train=20000, n_eval=500, rank=8,
+                   sweep="family"),
+    "lm-gpu": dict(tasks="listops,arith,boolq", seeds=3, steps=300, batch_size=16, n_train=20000, n_eval=1000,
+                   rank=8, sweep="every"),
+    "lm-quick": dict(tasks="boolq", seeds=1, steps=2, batch_size=4, n_train=200, n_eval=8, rank=8, sweep="family"),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Every method on every task with one budget: a table and a chart.")
-    p.add_argument("--quick", action="store_true", help=f"a reduced run for tests, {QUICK}, no sweep (train.py's lrs)")
-    p.add_argument("--tasks", help=f"comma-separated built-in tasks (default {FULL['tasks']})")
-    p.add_argument("--seeds", type=int, help=f"run seeds 0..n-1 (default {FULL['seeds']})")
-    p.add_argument("--steps", type=int, help=f"training steps of every run (default {FULL['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"examples per step (default {FULL['batch_size']})")
-    p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model that every method adapts")
-    p.add_argument("--out-dir", default=os.path.join("out", "compare"), help="where tables, chart and runs go")
+    p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model every method adapts (train.py --init)")
+    p.add_argument("--budget", choices=BUDGETS, help="default: nano, or lm-cpu for a pretrained LM; "
+                   "--quick: nano-quick / lm-quick. The flags below override its values")
+    p.add_argument("--quick", action="store_true", help="a reduced run for tests: train.py's lrs, no sweep")
+    p.add_argument("--tasks", help="comma-separated built-in tasks")
+    p.add_argument("--seeds", type=int, help="run seeds 0..n-1")
+    p.add_argument("--steps", type=int, help="training steps of every run")
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--n-eval", type=int, help="validation and test examples per task (each)")
+    p.add_argument("--sweep", choices=["every", "family"], help="which methods sweep their lr (see above)")
+    p.add_argument("--device", default="auto", help="train.py --device")
+    p.add_argument("--out-dir", help="where tables, chart and runs go (default out/compare[-INIT])")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
+    lm = checkpoints.is_pretrained_lm(args.init)
+    args.budget = args.budget or ("lm" if lm else "nano") + ("-quick" if args.quick else "-cpu" if lm else "")
+    for key, value in BUDGETS[args.budget].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.tasks = args.tasks.split(",")
     if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(args.seeds, args.steps, args.batch_size) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size must be positive")
-    args.grid = {f: [train.DEFAULT_LR[f]] for f in GRID} if args.quick else GRID
+    defaults = train.LM_DEFAULTS["lr"] if lm else train.DEFAULT_LR
+    args.grid = {f: [defaults[f]] for f in FLAG} if args.quick else LM_GRID if lm else NANO_GRID
+    name = os.path.splitext(os.path.basename(args.init))[0]
+    args.out_dir = args.out_dir or os.path.join("out", "compare" if args.init == train.BASE_CHECKPOINT else
+                                                f"compare-{name}")
     return args
 
 
 def lr_text(lrs, sep="/"):
-    return sep.join(f"{v:.0e}" for v in lrs.values())
+    return sep.join(f"{v:.1e}".replace(".0e", "e") for v in lrs.values())
+
+
+def rank_args(family, r):
+    return {"full": ["--lora-rank", "0"], "lora": ["--lora-rank", f"{r}"], "shift": ["--rank", f"{r}"],
+            "joint": ["--lora-rank", f"{r}", "--rank", f"{r}"]}[family]
 
 
 def run(args, name, task, seed, lrs, log):
     """One train.py run with the learning rates lrs ({flag: value}); returns its results."""
-    argv = METHODS[name][2] + [str(a) for kv in lrs.items() for a in kv] + [
+    argv = METHODS[name][2] + rank_args(METHODS[name][0], args.rank) + [
+        str(a) for kv in lrs.items() for a in kv] + [
         "--task", task, "--seed", f"{seed}", "--steps", f"{args.steps}", "--batch-size", f"{args.batch_size}",
-        "--n-train", f"{args.n_train}", "--init", args.init,
+        "--n-train", f"{args.n_train}", "--n-eval", f"{args.n_eval}", "--init", args.init, "--device", args.device,
         "--out-dir", os.path.join(args.out_dir, "runs", f"{task}-{name}-lr{lr_text(lrs, '-')}-seed{seed}")]
     with contextlib.redirect_stdout(log):
         print(f"\n$ python train.py {' '.join(argv)}", flush=True)
@@ -84,17 +121,53 @@ def run(args, name, task, seed, lrs, log):
     return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]), **res)
 
 
+def best(tried):
+    """The run with the best validation accuracy; a tie goes to the lowest final training loss."""
+    return max(tried, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
+
+
+def sweep(do, flag, grid):
+    """do({flag: lr}) at every lr of grid; while the best is the smallest or largest lr tried, one
+    more lr a grid step beyond it (at most EXTEND). Returns the best run and whether it is still
+    at an edge of the lrs tried."""
+    tried = {lr: do({flag: lr}) for lr in grid}
+    for _ in range(EXTEND if len(grid) >= 3 else 0):
+        lr = best(tried.values())["lrs"][flag]
+        if min(tried) < lr < max(tried):
+            break
+        beyond = lr * grid[1] / grid[0] if lr == max(tried) else lr * grid[0] / grid[1]
+        tried[float(f"{beyond:.3g}")] = do({flag: float(f"{beyond:.3g}")}, extension=True)
+    winner = best(tried.values())
+    return winner, len(tried) >= 3 and winner["lrs"][flag] in (min(tried), max(tried))
+
+
 def mean_std(values):                         # the sample standard deviation; 0 for one value
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(finals, tasks, seeds):
-    """Per method: test accuracy (mean, std) over seeds per task and for the average over tasks
-    (averaged per seed first); trainable params and %; mean training seconds per run."""
+def baselines(args, finals, seeds):
+    """Test accuracy per (task, seed) of two rows without training: answering every prompt with
+    train's commonest answer, and the base model (train.py measures it before every run)."""
+    rows = {"majority": {}, "base": {}}
+    for task in args.tasks:
+        for seed in seeds:
+            splits = make_splits(task, seed, args.n_train, args.n_eval)
+            top = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
+            rows["majority"][task, seed] = statistics.mean(c == top for _, c in splits["test"])
+            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals if (r["task"], r["seed"]) == (task, seed))
+    return rows
+
+
+def summarize(finals, tasks, seeds, extra_rows):
+    """Per method (and per row of extra_rows, {name: {(task, seed): accuracy}}): test accuracy
+    (mean, std) over seeds per task and for the average over tasks (averaged per seed first);
+    trainable params and %; mean training seconds per run."""
+    accuracies = {**extra_rows, **{name: {(r["task"], r["seed"]): r["accuracy"] for r in finals
+                                          if r["method"] == name} for name in METHODS}}
     rows = {}
-    for name in METHODS:
-        mine = [r for r in finals if r["method"] == name]
-        acc = {(r["task"], r["seed"]): r["accuracy"] for r in mine}
+    for name, acc in accuracies.items():
+        mine = [r for r in finals if r["method"] == name] or [dict(trainable_params=0, trainable_pct=0.0,
+                                                                   train_seconds=0.0)]
         rows[name] = dict(**{t: mean_std([acc[t, s] for s in seeds]) for t in tasks},
                           average=mean_std([statistics.mean(acc[t, s] for t in tasks) for s in seeds]),
                           params=mine[0]["trainable_params"], pct=mine[0]["trainable_pct"],
@@ -102,34 +175,43 @@ def summarize(finals, tasks, seeds):
     return rows
 
 
-def markdown(rows, tasks, chosen, args):
-    cols = tasks + ["average"]
-    lines = [f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(tasks)} |",
+LABEL = {"majority": "majority class (train's commonest answer)", "base": "base model, untrained",
+         **{name: METHODS[name][1] for name in METHODS}}
+
+
+def markdown(rows, chosen, edges, args):
+    cols = args.tasks + ["average"]
+    lines = [f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} |",
              "|---|" + "---:|" * (len(cols) + 3) + "---|"]
     for name, row in rows.items():
         cells = " | ".join(f"{100 * row[c][0]:.1f} ± {100 * row[c][1]:.1f}" for c in cols)
-        lrs = ", ".join(lr_text(chosen[name][t]) for t in tasks)
-        lines.append(f"| {METHODS[name][1]} | {cells} | {row['params']:,} | {row['pct']:.3f} | "
-                     f"{row['seconds']:.1f} | {lrs} |")
-    return "\n".join(lines) + (f"\n\nTest accuracy (%), mean ± std over {args.seeds} seed(s); every method "
-                               f"{args.steps} steps of batch {args.batch_size}, rank {R}. lr: chosen on the "
-                               "validation split (seed 0); joint: shift lr/LoRA lr.\n")
+        lrs = ", ".join(lr_text(chosen[name][t]) + "*" * ((name, t) in edges) for t in args.tasks) if name in chosen else "–"
+        lines.append(f"| {LABEL[name]} | {cells} | {row['params']:,} | {row['pct']:.3f} | {row['seconds']:.0f} | {lrs} |")
+    half = 100 * 1.96 * math.sqrt(0.75 * 0.25 / args.n_eval)
+    return "\n".join(lines) + (
+        f"\n\nTest accuracy (%), mean ± std over {args.seeds} seed(s) ({args.n_eval} test prompts a task: one "
+        f"accuracy near 75% has a 95% binomial interval of ±{half:.1f} points). Every method {args.steps} steps "
+        f"of batch {args.batch_size}, rank {args.rank}, on {args.init}. lr: chosen on the validation split "
+        f"(seed 0, sweep '{args.sweep}'); joint: shift lr/LoRA lr"
+        + (f"; * = at the edge of the lrs tried: {', '.join(f'{n} on {t}' for n, t in edges)}" if edges else "")
+        + ".\n")
 
 
-def chart(rows, tasks, path):
+def chart(rows, args, path):
     from matplotlib.figure import Figure      # draws to a file, leaves pyplot's backend alone
-    cols, names = tasks + ["average"], list(rows)
-    fig, width = Figure(figsize=(13, 5)), 0.8 / len(cols)
+    cols, names = args.tasks + ["average"], list(rows)
+    fig, width = Figure(figsize=(14, 5)), 0.8 / len(cols)
     ax = fig.subplots()
     for i, col in enumerate(cols):
         xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, [100 * rows[n][col][0] for n in names], width, yerr=[100 * rows[n][col][1] for n in names],
                capsize=2, label=col, color="black" if col == "average" else None)
-    labels = [METHODS[n][1].replace(" (", "\n(").replace(": ", ":\n").replace(", ", ",\n") +
+    labels = [LABEL[n].replace(" (", "\n(").replace(": ", ":\n").replace(", ", ",\n") +
               f"\n{rows[n]['pct']:.2f}% params" for n in names]
-    ax.set_xticks(range(len(names)), labels, fontsize=7)
+    ax.set_xticks(range(len(names)), labels, fontsize=6)
     ax.set(ylabel="test accuracy (%)", ylim=(0, 115), yticks=range(0, 101, 20),
-           title=f"same data and steps for every method, rank {R}: test accuracy, mean ± std over seeds")
+           title=f"{args.init}: same data and steps for every method, rank {args.rank}: test accuracy, "
+                 "mean ± std over seeds")
     ax.legend(ncol=len(cols), fontsize=8, loc="upper center")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
@@ -150,45 +232,51 @@ def main(args):
         print(f"no base model at {args.init} yet: pretraining it first (train.py --mode pretrain)", flush=True)
         with contextlib.redirect_stdout(log):
             train.train(train.resolve_args(train.parse_args(["--mode", "pretrain"])))
-    swept = [n for n in METHODS if METHODS[n][0] != "joint"]
-    joint = [n for n in METHODS if n not in swept]
-    per_task = sum(len(args.grid[METHODS[n][0]]) + len(seeds) - 1 for n in swept) + len(joint) * len(seeds)
-    total, runs, t0 = len(args.tasks) * per_task, [], time.time()
+    swept = list(LEAD.values()) if args.sweep == "family" else [n for n in METHODS if METHODS[n][0] != "joint"]
+    size = len(next(iter(args.grid.values())))
+    per_task = len(swept) * (size + len(seeds) - 1) + (len(METHODS) - len(swept)) * len(seeds)
+    plan, runs, t0 = [len(args.tasks) * per_task], [], time.time()
     print(f"{len(METHODS)} methods x {len(args.tasks)} tasks x {len(seeds)} seeds, {args.steps} steps of batch "
-          f"{args.batch_size}, lr grids {args.grid}: {total} runs (train.py's prints: {log.name})", flush=True)
+          f"{args.batch_size}, budget {args.budget}, lr grids {args.grid} (sweep {args.sweep}): {plan[0]} runs, "
+          f"more if a grid grows (train.py's prints: {log.name})", flush=True)
 
-    def do(phase, name, task, seed, lrs):
+    def do(phase, name, task, seed, lrs, extension=False):
+        plan[0] += extension
         r = dict(phase=phase, **run(args, name, task, seed, lrs, log))
         runs.append(r)
-        eta = (time.time() - t0) / len(runs) * (total - len(runs))
-        print(f"run {len(runs):3d}/{total} | {phase:5s} | {task:7s} | {name:19s} | seed {seed} | lr {lr_text(lrs):11s} "
-              f"| val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | {r['train_seconds']:5.1f} s | "
-              f"eta {eta / 60:5.1f} min", flush=True)
+        eta = (time.time() - t0) / len(runs) * (plan[0] - len(runs))
+        print(f"run {len(runs):3d}/{plan[0]} | {phase:5s} | {task:7s} | {name:19s} | seed {seed} | lr "
+              f"{lr_text(lrs):11s} | val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
+              f"{r['train_seconds']:5.0f} s | eta {eta / 60:5.1f} min", flush=True)
         return r
 
-    chosen = {name: {} for name in METHODS}
+    chosen, edges = {name: {} for name in METHODS}, []
     for task in args.tasks:                   # the sweep, on seed 0: the best validation accuracy wins
         for name in swept:
             family = METHODS[name][0]
-            tried = [do("sweep", name, task, seeds[0], {FLAG[family]: v}) for v in args.grid[family]]
-            best = max(tried, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
-            best["phase"], chosen[name][task] = "final", best["lrs"]
-        for name in joint:
-            chosen[name][task] = {**chosen["linear_block_out"][task], **chosen["lora"][task]}
+            winner, edge = sweep(lambda lrs, extension=False: do("sweep", name, task, seeds[0], lrs, extension),
+                                 FLAG[family], args.grid[family])
+            winner["phase"], chosen[name][task] = "final", winner["lrs"]
+            edges += [(name, task)] * edge
+        for name in METHODS:                  # not swept: joint takes block_out's and LoRA's lrs,
+            if name not in swept:             # another shift block_out's (sweep "family")
+                chosen[name][task] = ({**chosen["linear_block_out"][task], **chosen["lora"][task]}
+                                      if METHODS[name][0] == "joint" else chosen[LEAD[METHODS[name][0]]][task])
     for task in args.tasks:                   # the other seeds, at the chosen learning rates
         for name in METHODS:
             for seed in seeds[1:] if name in swept else seeds:
                 do("final", name, task, seed, chosen[name][task])
     log.close()
 
-    rows = summarize([r for r in runs if r["phase"] == "final"], args.tasks, seeds)
-    table, wall = markdown(rows, args.tasks, chosen, args), time.time() - start
+    finals = [r for r in runs if r["phase"] == "final"]
+    rows = summarize(finals, args.tasks, seeds, baselines(args, finals, seeds))
+    table, wall = markdown(rows, chosen, edges, args), time.time() - start
     write(os.path.join(args.out_dir, "results.md"), table)
-    chart(rows, args.tasks, os.path.join(args.out_dir, "compare.png"))
-    everything = dict(budget={k: getattr(args, k) for k in FULL}, rank=R, grid=args.grid, quick=args.quick,
-                      chosen_lrs=chosen, wall_seconds=wall, summary=rows, runs=runs)
+    chart(rows, args, os.path.join(args.out_dir, "compare.png"))
+    everything = dict(budget={k: getattr(args, k) for k in BUDGETS["nano"]}, name=args.budget, init=args.init,
+                      grid=args.grid, chosen_lrs=chosen, edges=edges, wall_seconds=wall, summary=rows, runs=runs)
     write(os.path.join(args.out_dir, "results.json"), json.dumps(everything, indent=1))
-    print(f"\n{table}\n{total} runs, {wall / 60:.1f} min in all; wrote {args.out_dir}/results.md, compare.png, "
+    print(f"\n{table}\n{len(runs)} runs, {wall / 60:.1f} min in all; wrote {args.out_dir}/results.md, compare.png, "
           "results.json, train.log")
     return rows
 

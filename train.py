@@ -80,6 +80,7 @@ def parse_args(argv=None):
                    "weights in pretrain / full fine-tuning)")
     g.add_argument("--lora-lr", type=float, default=None, help=f"peak learning rate of LoRA (default {DEFAULT_LR['lora']})")
     g.add_argument("--n-train", type=int, default=20000, help="built-in tasks: number of training examples")
+    g.add_argument("--n-eval", type=int, default=500, help="built-in tasks: number of val and of test examples")
     g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
@@ -124,9 +125,9 @@ def resolve_args(args):
                          "of THEORY §7 projects: drop --site/--adapter or set them so")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
-    if min(args.steps, args.batch_size, args.log_every, args.n_train, args.rank) <= 0 or min(args.warmup,
+    if min(args.steps, args.batch_size, args.log_every, args.n_train, args.n_eval, args.rank) <= 0 or min(args.warmup,
             args.ortho_every, args.ckpt_every) < 0 or args.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError("--steps, --batch-size, --log-every, --n-train and --rank must be positive, --warmup, "
+        raise ValueError("--steps, --batch-size, --log-every, --n-train, --n-eval and --rank must be positive, --warmup, "
                          "--ortho-every and --ckpt-every ≥ 0, and under torchrun --batch-size ≥ the number of "
                          "processes")
     if args.layers is not None:
@@ -259,7 +260,7 @@ def evaluate(model, x, y, device, autocast, batch_size=50):
 def train(args):
     device = pick_device(args.device)
     rank, world = init_distributed(device)
-    splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train)
+    splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train, args.n_eval)
     if args.mode != "pretrain" and args.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(args, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
         print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")

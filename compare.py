@@ -36,18 +36,19 @@ import checkpoints
 import train
 from tasks import make_splits
 
-SHIFT = ["--mode", "activation", "--adapter"]                       # a vector ignores --rank
-METHODS = {  # name: (learning-rate family, row label, train.py arguments; the rank is added per family)
-    "full": ("full", "full fine-tuning", ["--mode", "weight"]),
-    "lora": ("lora", "LoRA, every linear layer", ["--mode", "weight"]),
+SHIFT = ["--mode", "activation", "--rank", "{r}", "--adapter"]                  # a vector ignores --rank
+JOINT = ["--mode", "joint", "--lora-rank", "{r}", "--rank", "{r}", "--ortho-every"]
+METHODS = {  # name: (learning-rate family, row label, train.py arguments; {r}: the budget's rank)
+    "full": ("full", "full fine-tuning", ["--mode", "weight", "--lora-rank", "0"]),
+    "lora": ("lora", "LoRA, every linear layer", ["--mode", "weight", "--lora-rank", "{r}"]),
     "reft_mlp_out": ("shift", "ReFT @ mlp_out (post-MLP)", SHIFT + ["reft", "--site", "mlp_out"]),
     "linear_attn_out": ("shift", "linear @ attn_out (pre-MLP)", SHIFT + ["linear", "--site", "attn_out"]),
     "linear_mlp_out": ("shift", "linear @ mlp_out (post-MLP)", SHIFT + ["linear", "--site", "mlp_out"]),
     "linear_block_out": ("shift", "linear @ block_out (post-block)", SHIFT + ["linear", "--site", "block_out"]),
     "nonlinear_block_out": ("shift", "nonlinear @ block_out", SHIFT + ["nonlinear", "--site", "block_out"]),
     "vector_block_out": ("shift", "vector @ block_out", SHIFT + ["vector", "--site", "block_out"]),
-    "joint": ("joint", "joint: LoRA + block_out, orthogonal", ["--mode", "joint", "--ortho-every", "1"]),
-    "joint_no_ortho": ("joint", "joint, --ortho-every 0", ["--mode", "joint", "--ortho-every", "0"]),
+    "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + ["1"]),
+    "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + ["0"]),
 }
 LEAD = {"full": "full", "lora": "lora", "shift": "linear_block_out"}   # swept under sweep "family"
 FLAG = {"full": "--lr", "lora": "--lora-lr", "shift": "--lr"}       # the train.py flag each family sweeps
@@ -60,7 +61,7 @@ BUDGETS = {  # one budget for every method of a table; the times are measured on
                  rank=4, sweep="every"),
     "nano-quick": dict(tasks="boolq", seeds=1, steps=10, batch_size=16, n_train=200, n_eval=100, rank=4,
                        sweep="family"),
-    "lm-cpu": dict(tasks="listops", seeds=1, steps=150, batch_size=16, n_train=20000, n_eval=500, rank=8,
+    "lm-cpu": dict(tasks="listops", seeds=1, steps=120, batch_size=16, n_train=20000, n_eval=500, rank=8,
                    sweep="family"),
     "lm-gpu": dict(tasks="listops,arith,boolq", seeds=3, steps=300, batch_size=16, n_train=20000, n_eval=1000,
                    rank=8, sweep="every"),
@@ -88,8 +89,10 @@ def parse_args(argv=None):
     for key, value in BUDGETS[args.budget].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.tasks = args.tasks.split(",")
-    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(args.seeds, args.steps, args.batch_size) <= 0:
-        raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size must be positive")
+    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(args.seeds, args.steps, args.batch_size,
+                                                                   args.n_eval) <= 0:
+        raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, --n-eval must be "
+                         "positive")
     defaults = train.LM_DEFAULTS["lr"] if lm else train.DEFAULT_LR
     args.grid = {f: [defaults[f]] for f in FLAG} if args.quick else LM_GRID if lm else NANO_GRID
     name = os.path.splitext(os.path.basename(args.init))[0]
@@ -102,15 +105,9 @@ def lr_text(lrs, sep="/"):
     return sep.join(f"{v:.1e}".replace(".0e", "e") for v in lrs.values())
 
 
-def rank_args(family, r):
-    return {"full": ["--lora-rank", "0"], "lora": ["--lora-rank", f"{r}"], "shift": ["--rank", f"{r}"],
-            "joint": ["--lora-rank", f"{r}", "--rank", f"{r}"]}[family]
-
-
 def run(args, name, task, seed, lrs, log):
     """One train.py run with the learning rates lrs ({flag: value}); returns its results."""
-    argv = METHODS[name][2] + rank_args(METHODS[name][0], args.rank) + [
-        str(a) for kv in lrs.items() for a in kv] + [
+    argv = [a.format(r=args.rank) for a in METHODS[name][2]] + [str(a) for kv in lrs.items() for a in kv] + [
         "--task", task, "--seed", f"{seed}", "--steps", f"{args.steps}", "--batch-size", f"{args.batch_size}",
         "--n-train", f"{args.n_train}", "--n-eval", f"{args.n_eval}", "--init", args.init, "--device", args.device,
         "--out-dir", os.path.join(args.out_dir, "runs", f"{task}-{name}-lr{lr_text(lrs, '-')}-seed{seed}")]
@@ -132,11 +129,12 @@ def sweep(do, flag, grid):
     at an edge of the lrs tried."""
     tried = {lr: do({flag: lr}) for lr in grid}
     for _ in range(EXTEND if len(grid) >= 3 else 0):
-        lr = best(tried.values())["lrs"][flag]
-        if min(tried) < lr < max(tried):
+        lrs, lr = sorted(tried), best(tried.values())["lrs"][flag]
+        if lrs[0] < lr < lrs[-1]:
             break
-        beyond = lr * grid[1] / grid[0] if lr == max(tried) else lr * grid[0] / grid[1]
-        tried[float(f"{beyond:.3g}")] = do({flag: float(f"{beyond:.3g}")}, extension=True)
+        # a grid step beyond, in the grid's own pattern (3e-3, 1e-2, 3e-2 -> 1e-1, 3e-1 or 1e-3, 3e-4)
+        beyond = float(f"{lr * lrs[-2] / lrs[-3] if lr == lrs[-1] else lr * lrs[1] / lrs[2]:.3g}")
+        tried[beyond] = do({flag: beyond}, extension=True)
     winner = best(tried.values())
     return winner, len(tried) >= 3 and winner["lrs"][flag] in (min(tried), max(tried))
 
@@ -227,7 +225,7 @@ def write(path, text):
 
 def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
-    log, seeds, start = open(os.path.join(args.out_dir, "train.log"), "w"), list(range(args.seeds)), time.time()
+    log, seeds, start = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1), list(range(args.seeds)), time.time()
     if args.init == train.BASE_CHECKPOINT and not os.path.exists(args.init):
         print(f"no base model at {args.init} yet: pretraining it first (train.py --mode pretrain)", flush=True)
         with contextlib.redirect_stdout(log):

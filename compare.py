@@ -1,26 +1,21 @@
 """
-compare.py: the paper's comparison table (Adila et al., 2026, THEORY §9) on our own small base
-model (the miniature) or on a real pretrained language model.
+compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model (the
+miniature) or on a real pretrained LM. Every method of a table: the same data, batch, steps, rank.
 
     python compare.py                        # miniature: 10 methods x 3 tasks x 3 seeds, rank 4
     python compare.py --init smollm2-135m    # SmolLM2-135M, rank 8: listops, 1 seed (2 CPU cores)
     python compare.py --init smollm2-135m --budget lm-gpu --device cuda    # 3 tasks x 3 seeds
-    python compare.py --quick [--init ...]   # a reduced run for tests: boolq, 1 seed, no sweep
+    python compare.py --quick [--init ...]   # for the tests: boolq, 1 seed, train.py's lrs
 
-Each run is a `python train.py ...` command line, run in this process with its prints sent to
-train.log. Every method of a table gets the same data, batch size, steps and rank.
-
-Learning rates, chosen on the validation split of seed 0, per task: a swept method runs at the
-three values of its family's grid and keeps the best validation accuracy (a tie, e.g. all 0,
-goes to the lowest training loss of the last 20 steps). If the best is the smallest or largest
-value tried, the grid grows by one value beyond it, until the best is interior (at most EXTEND
-times). The winning run is also the seed-0 result; seeds 1.. run at the chosen lr. With
-sweep "family" (the 2-core budget for a real LM) only each family's lead is swept (full FT, LoRA,
-linear block_out) and the other shifts take block_out's lr: a third of the runs, but a rate
-tuned for post-block. Joint is never swept: it takes the lrs chosen for linear block_out and LoRA.
-
-Writes into --out-dir: results.md (the table: test accuracy), compare.png, results.json (every
-run, sweep included), train.log (train.py's prints), runs/ (each run's files; git ignores them).
+Learning rates, chosen per task on seed 0's validation split: a swept method runs its family's
+grid and keeps the best validation accuracy (a tie, e.g. all 0, goes to the lowest training loss
+of the last 20 steps); while the best is the smallest or largest lr tried, one more lr beyond it
+(at most EXTEND). The winning run is the seed-0 result; seeds 1.. run at the chosen lr. Sweep
+"family" (the 2-core budget on a real LM) sweeps only full FT, LoRA and linear block_out; the
+other shifts take block_out's lr (a third of the runs, a rate tuned for post-block). Joint takes
+the lrs chosen for block_out and LoRA. Each run is `python train.py ...` run in this process,
+its prints sent to train.log. Into --out-dir: results.md (the table), compare.png, results.json
+(every run, sweep included), train.log, runs/ (each run's files; git ignores them).
 """
 import argparse
 import contextlib
@@ -56,15 +51,15 @@ EXTEND = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
 # a real LM: the paper's ranges (THEORY §9) around issue 11's calibration on SmolLM2 (train.LM_DEFAULTS)
 LM_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [1.5e-4, 5e-4, 1.5e-3], "shift": [3e-4, 1e-3, 3e-3]}
-BUDGETS = {  # one budget for every method of a table; the times are measured ones (README)
-    "nano": dict(tasks="listops,arith,boolq", seeds=3, steps=250, batch_size=64, n_train=20000, n_eval=500,
-                 rank=4, sweep="every"),
+BUDGETS = {  # one budget for every method of a table (times: README)
+    "nano": dict(tasks="listops,arith,boolq", seeds=3, steps=250, batch_size=64, n_train=20000, n_eval=500, rank=4,
+                 sweep="every"),
     "nano-quick": dict(tasks="boolq", seeds=1, steps=10, batch_size=16, n_train=200, n_eval=100, rank=4,
                        sweep="family"),
     "lm-cpu": dict(tasks="listops", seeds=1, steps=120, batch_size=16, n_train=20000, n_eval=500, rank=8,
                    sweep="family"),
-    "lm-gpu": dict(tasks="listops,arith,boolq", seeds=3, steps=300, batch_size=16, n_train=20000, n_eval=1000,
-                   rank=8, sweep="every"),
+    "lm-gpu": dict(tasks="listops,arith,boolq", seeds=3, steps=300, batch_size=16, n_train=20000, n_eval=1000, rank=8,
+                   sweep="every"),
     "lm-quick": dict(tasks="boolq", seeds=1, steps=2, batch_size=4, n_train=200, n_eval=8, rank=8, sweep="family"),
 }
 
@@ -152,7 +147,7 @@ def baselines(args, finals, seeds):
             splits = make_splits(task, seed, args.n_train, args.n_eval)
             top = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
             rows["majority"][task, seed] = statistics.mean(c == top for _, c in splits["test"])
-            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals if (r["task"], r["seed"]) == (task, seed))
+            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals if r["task"] == task and r["seed"] == seed)
     return rows
 
 
@@ -179,12 +174,14 @@ LABEL = {"majority": "majority class (train's commonest answer)", "base": "base 
 
 def markdown(rows, chosen, edges, args):
     cols = args.tasks + ["average"]
-    lines = [f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} |",
-             "|---|" + "---:|" * (len(cols) + 3) + "---|"]
+    lines = [f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} "
+             "|", "|---|" + "---:|" * (len(cols) + 3) + "---|"]
     for name, row in rows.items():
         cells = " | ".join(f"{100 * row[c][0]:.1f} ± {100 * row[c][1]:.1f}" for c in cols)
-        lrs = ", ".join(lr_text(chosen[name][t]) + "*" * ((name, t) in edges) for t in args.tasks) if name in chosen else "–"
-        lines.append(f"| {LABEL[name]} | {cells} | {row['params']:,} | {row['pct']:.3f} | {row['seconds']:.0f} | {lrs} |")
+        lrs = ", ".join(lr_text(chosen[name][t]) + "*" * ((name, t) in edges) for t in args.tasks) if name in chosen \
+            else "–"                          # * = still at an edge of the lrs tried
+        lines.append(f"| {LABEL[name]} | {cells} | {row['params']:,} | {row['pct']:.3f} | {row['seconds']:.1f} | "
+                     f"{lrs} |")
     half = 100 * 1.96 * math.sqrt(0.75 * 0.25 / args.n_eval)
     return "\n".join(lines) + (
         f"\n\nTest accuracy (%), mean ± std over {args.seeds} seed(s) ({args.n_eval} test prompts a task: one "
@@ -225,7 +222,8 @@ def write(path, text):
 
 def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
-    log, seeds, start = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1), list(range(args.seeds)), time.time()
+    log, seeds, start = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1), list(range(args.seeds)), \
+        time.time()
     if args.init == train.BASE_CHECKPOINT and not os.path.exists(args.init):
         print(f"no base model at {args.init} yet: pretraining it first (train.py --mode pretrain)", flush=True)
         with contextlib.redirect_stdout(log):

@@ -177,8 +177,5 @@ def exact_match(logits, y):
     the gold tokens one after another iff each is the argmax given the gold prefix before it.
     logits: (B, T, vocab), or (N, vocab) at y's targets only, as GPT.forward(x, y) returns them."""
     keep = y != -1
-    if logits.dim() == 3:
-        logits = logits[keep]
-    wrong = (logits.argmax(dim=-1) != y[keep]).long()                  # (N,), one per target
-    misses = torch.zeros(len(y), dtype=torch.long, device=y.device).index_add(0, keep.nonzero()[:, 0], wrong)
-    return misses == 0
+    wrong = (logits[keep] if logits.dim() == 3 else logits).argmax(dim=-1) != y[keep]
+    return torch.zeros(len(y), device=y.device).index_add(0, keep.nonzero()[:, 0], wrong.float()) == 0

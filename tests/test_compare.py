@@ -64,7 +64,7 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
     rows = table_rows(quick["out"] / "results.md")
     assert sorted(rows) == sorted(compare.LABEL.values())             # every method, and 2 baselines
     for baseline in ("majority", "base"):
-        assert rows[compare.LABEL[baseline]][2:] == ["0", "0.000", "0", "–"]
+        assert rows[compare.LABEL[baseline]][2:] == ["0", "0.000", "0.0", "–"]
     assert rows[compare.LABEL["majority"]][0] == "65.0 ± 0.0"         # "no": 65 of boolq's 100 test answers
     config = GPT.from_pretrained(str(quick["base"])).config
     d, L = config.n_embd, config.n_layer

@@ -127,6 +127,19 @@ def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
     assert len(re.findall(r"^run +\d+/10 \|", proc.stdout, flags=re.M)) == 10
 
 
+@pytest.mark.slow
+def test_same_seed_same_table(quick, tmp_path):
+    proc = python("compare.py", "--quick", "--init", quick["base"], "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, again = table_rows(quick["out"] / "results.md"), table_rows(tmp_path / "results.md")
+    drop_seconds = {label: cells[:-2] + cells[-1:] for label, cells in first.items()}   # s / run is a time
+    assert drop_seconds == {label: cells[:-2] + cells[-1:] for label, cells in again.items()}
+    numbers = [[(r["method"], r["accuracy"], r["val_accuracy"], r["final_loss"]) for r in
+                json.load(open(out / "results.json"))["runs"]] for out in (quick["out"], tmp_path)]
+    assert numbers[0] == numbers[1]                                   # to the last bit, losses included
+    assert len({accuracy for _, accuracy, _, _ in numbers[0]}) >= 3      # not all 0: a table worth comparing
+
+
 def test_table_mean_and_std_match_an_independent_computation():
     tasks, seeds = ["listops", "boolq"], [0, 1, 2]
     acc = torch.rand(len(compare.METHODS), len(tasks), len(seeds), generator=torch.Generator().manual_seed(0))

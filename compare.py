@@ -19,6 +19,7 @@ its prints sent to train.log. Into --out-dir: results.md (the table), compare.pn
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -149,7 +150,8 @@ def baselines(args, finals, seeds):
             splits = make_splits(task, seed, args.n_train, args.n_eval)
             top = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
             rows["majority"][task, seed] = statistics.mean(c == top for _, c in splits["test"])
-            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals if r["task"] == task and r["seed"] == seed)
+            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals
+                                            if r["task"] == task and r["seed"] == seed)
     return rows
 
 
@@ -233,17 +235,18 @@ def main(args):
     swept = list(LEAD.values()) if args.sweep == "family" else [n for n in METHODS if METHODS[n][0] != "joint"]
     size = len(next(iter(args.grid.values())))
     per_task = len(swept) * (size + len(seeds) - 1) + (len(METHODS) - len(swept)) * len(seeds)
-    plan, runs, t0 = [len(args.tasks) * per_task], [], time.time()
+    plan, runs, t0 = len(args.tasks) * per_task, [], time.time()
     print(f"{len(METHODS)} methods x {len(args.tasks)} tasks x {len(seeds)} seeds, {args.steps} steps of batch "
-          f"{args.batch_size}, budget {args.budget}, lr grids {args.grid} (sweep {args.sweep}): {plan[0]} runs, "
+          f"{args.batch_size}, budget {args.budget}, lr grids {args.grid} (sweep {args.sweep}): {plan} runs, "
           f"more if a grid grows (train.py's prints: {log.name})", flush=True)
 
     def do(phase, name, task, seed, lrs, extension=False):
-        plan[0] += extension
+        nonlocal plan                         # a grid that grows adds a run to the plan
+        plan += extension
         r = dict(phase=phase, **run(args, name, task, seed, lrs, log))
         runs.append(r)
-        eta = (time.time() - t0) / len(runs) * (plan[0] - len(runs))
-        print(f"run {len(runs):3d}/{plan[0]} | {phase:5s} | {task:7s} | {name:19s} | seed {seed} | lr "
+        eta = (time.time() - t0) / len(runs) * (plan - len(runs))
+        print(f"run {len(runs):3d}/{plan} | {phase:5s} | {task:7s} | {name:19s} | seed {seed} | lr "
               f"{lr_text(lrs):11s} | val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
               f"{r['train_seconds']:5.0f} s | eta {eta / 60:5.1f} min", flush=True)
         return r
@@ -252,8 +255,8 @@ def main(args):
     for task in args.tasks:                   # the sweep, on seed 0: the best validation accuracy wins
         for name in swept:
             family = METHODS[name][0]
-            winner, edge = sweep(lambda lrs, extension=False: do("sweep", name, task, seeds[0], lrs, extension),
-                                 FLAG[family], args.grid[family])
+            run_at = functools.partial(do, "sweep", name, task, seeds[0])     # run_at(lrs) -> its results
+            winner, edge = sweep(run_at, FLAG[family], args.grid[family])
             winner["phase"], chosen[name][task] = "final", winner["lrs"]
             edges += [(name, task)] * edge
         for name in METHODS:                  # not swept: joint takes block_out's and LoRA's lrs,

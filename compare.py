@@ -141,15 +141,20 @@ def mean_std(values):                         # the sample standard deviation; 0
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def majority_baseline(splits):
+    """Answer every test prompt with train's commonest completion -> (it, its test accuracy)."""
+    answer = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
+    return answer, statistics.mean(c == answer for _, c in splits["test"])
+
+
 def baselines(args, finals, seeds):
-    """Test accuracy per (task, seed) of two rows without training: answering every prompt with
-    train's commonest answer, and the base model (train.py measures it before every run)."""
+    """Test accuracy per (task, seed) of two rows without training: the majority class, and the
+    base model (train.py measures it before every run)."""
     rows = {"majority": {}, "base": {}}
     for task in args.tasks:
         for seed in seeds:
             splits = make_splits(task, seed, args.n_train, args.n_eval)
-            top = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
-            rows["majority"][task, seed] = statistics.mean(c == top for _, c in splits["test"])
+            rows["majority"][task, seed] = majority_baseline(splits)[1]
             rows["base"][task, seed] = next(r["base_accuracy"] for r in finals
                                             if r["task"] == task and r["seed"] == seed)
     return rows

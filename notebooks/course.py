@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import compare
 import equivalence as eq
 import nanosteer as ns
 import tasks
@@ -174,12 +175,10 @@ def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2)):
 # notebook 3: what a joint adapter's steer reads and writes, during training; baselines
 
 
-def majority_baseline(task, seeds=(0,)):
-    """The accuracy of always giving the test split's most common answer -> (answer, accuracy), averaged
-    over the seeds' splits (compare.py uses seeds 0, 1, 2; notebook 3 seed 0)."""
-    answers = [c for seed in seeds for _, c in tasks.make_splits(task, seed, n_train=0)["test"]]
-    values, counts = np.unique(answers, return_counts=True)
-    return str(values[counts.argmax()]), counts.max() / len(answers)
+def majority_baseline(task, seed=0):
+    """compare.py's majority-class row for one task and seed: answer every test prompt with train's
+    commonest completion -> (that answer, its test accuracy)."""
+    return compare.majority_baseline(tasks.make_splits(task, seed))
 
 
 @torch.no_grad()

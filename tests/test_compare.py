@@ -155,6 +155,11 @@ def test_table_mean_and_std_match_an_independent_computation():
         assert (rows[name]["params"], rows[name]["seconds"]) == (10 * m + 1, 2.0)
 
 
+def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test():
+    splits = dict(train=[("a", "yes"), ("b", "no"), ("c", "no")], test=[("d", "yes"), ("e", "yes"), ("f", "no")])
+    assert compare.majority_baseline(splits) == ("no", pytest.approx(1 / 3))   # test's commonest would score 2/3
+
+
 def test_bad_arguments_are_a_one_line_error():
     proc = python("compare.py", "--quick", "--tasks", "sudoku")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -87,8 +87,8 @@ def parse_args(argv=None):
     for key, value in BUDGETS[args.budget].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.tasks = args.tasks.split(",")
-    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(args.seeds, args.steps, args.batch_size,
-                                                                   args.n_eval) <= 0:
+    sizes = (args.seeds, args.steps, args.batch_size, args.n_eval)
+    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(sizes) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, --n-eval must be "
                          "positive")
     defaults = train.LM_DEFAULTS["lr"] if lm else train.DEFAULT_LR
@@ -183,12 +183,12 @@ LABEL = {"majority": "majority class (train's commonest answer)", "base": "base 
 
 def markdown(rows, chosen, edges, args):
     cols = args.tasks + ["average"]
-    lines = [f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} "
-             "|", "|---|" + "---:|" * (len(cols) + 3) + "---|"]
+    header = f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} |"
+    lines = [header, "|---|" + "---:|" * (len(cols) + 3) + "---|"]
     for name, row in rows.items():
         cells = " | ".join(f"{100 * row[c][0]:.1f} ± {100 * row[c][1]:.1f}" for c in cols)
-        lrs = ", ".join(lr_text(chosen[name][t]) + "*" * ((name, t) in edges) for t in args.tasks) if name in chosen \
-            else "–"                          # * = still at an edge of the lrs tried
+        star = {t: "*" * ((name, t) in edges) for t in args.tasks}     # * = still at an edge of the lrs tried
+        lrs = ", ".join(lr_text(chosen[name][t]) + star[t] for t in args.tasks) if name in chosen else "–"
         lines.append(f"| {LABEL[name]} | {cells} | {row['params']:,} | {row['pct']:.3f} | {row['seconds']:.1f} | "
                      f"{lrs} |")
     half = 100 * 1.96 * math.sqrt(0.75 * 0.25 / args.n_eval)
@@ -231,12 +231,10 @@ def write(path, text):
 
 def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
-    log, seeds, start = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1), list(range(args.seeds)), \
-        time.time()
-    if args.init == train.BASE_CHECKPOINT and not os.path.exists(args.init):
-        print(f"no base model at {args.init} yet: pretraining it first (train.py --mode pretrain)", flush=True)
-        with contextlib.redirect_stdout(log):
-            train.train(train.resolve_args(train.parse_args(["--mode", "pretrain"])))
+    log = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1)     # line by line: progress shows
+    seeds, start = list(range(args.seeds)), time.time()
+    if args.init == train.BASE_CHECKPOINT and not os.path.exists(args.init):   # train.py pretrains it then
+        print(f"no base model at {args.init} yet: the first run pretrains it (train.py --mode pretrain)", flush=True)
     swept = list(LEAD.values()) if args.sweep == "family" else [n for n in METHODS if METHODS[n][0] != "joint"]
     size = len(next(iter(args.grid.values())))
     per_task = len(swept) * (size + len(seeds) - 1) + (len(METHODS) - len(swept)) * len(seeds)

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import checkpoints
 import nanosteer as ns
 import tasks
-from fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401 (fit_shift:
+from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401 (fit_shift:
                   random_update, updated, where_to_steer, wproj_zero)       # notebook 2 uses eq's)
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime
 

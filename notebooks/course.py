@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
-import compare
+from tools import compare
 import equivalence as eq
 import nanosteer as ns
 import tasks

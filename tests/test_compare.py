@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import compare
+from tools import compare
 from conftest import ROOT, run_script
 from test_checkpoints import needs_smollm2
 from model import GPT
@@ -41,7 +41,7 @@ def quick(tmp_path_factory):
     base, real_base = tmp / "base" / "model.pt", os.path.join(ROOT, "out", "base", "model.pt")
     before = (sha256(base), os.path.exists(real_base) and os.path.getmtime(real_base))
     t0 = time.time()
-    proc = python("compare.py", "--quick", "--init", base, "--out-dir", tmp / "cmp")
+    proc = python("tools/compare.py", "--quick", "--init", base, "--out-dir", tmp / "cmp")
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (sha256(base), os.path.exists(real_base) and os.path.getmtime(real_base)) == before
@@ -110,7 +110,7 @@ def test_quick_comparison_writes_results_chart_and_progress(quick):
 @pytest.mark.slow
 @needs_smollm2
 def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
-    proc = python("compare.py", "--quick", "--init", "smollm2-135m", "--out-dir", tmp_path)
+    proc = python("tools/compare.py", "--quick", "--init", "smollm2-135m", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results, rows = json.load(open(tmp_path / "results.json")), table_rows(tmp_path / "results.md")
     assert results["name"] == "lm-quick" and sorted(rows) == sorted(compare.LABEL.values())
@@ -129,7 +129,7 @@ def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_table(quick, tmp_path):
-    proc = python("compare.py", "--quick", "--init", quick["base"], "--out-dir", tmp_path)
+    proc = python("tools/compare.py", "--quick", "--init", quick["base"], "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, again = table_rows(quick["out"] / "results.md"), table_rows(tmp_path / "results.md")
     drop_seconds = {label: cells[:-2] + cells[-1:] for label, cells in first.items()}   # s / run is a time
@@ -161,7 +161,7 @@ def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test()
 
 
 def test_bad_arguments_are_a_one_line_error():
-    proc = python("compare.py", "--quick", "--tasks", "sudoku")
+    proc = python("tools/compare.py", "--quick", "--tasks", "sudoku")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["compare.py: error: --tasks takes listops, arith, boolq; --seeds, "
                                                 "--steps, --batch-size, --n-eval must be positive"]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
 import course  # noqa: E402  (notebooks/course.py: the notebooks' helpers and exercise solutions)
-import compare  # noqa: E402
+from tools import compare  # noqa: E402
 import equivalence as eq  # noqa: E402
 import nanosteer as ns  # noqa: E402
 import tasks  # noqa: E402

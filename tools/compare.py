@@ -1,11 +1,11 @@
 """
-compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model (the
+tools/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model (the
 miniature) or on a real pretrained LM. Every method of a table: the same data, batch, steps, rank.
 
-    python compare.py                        # miniature: 10 methods x 3 tasks x 3 seeds, rank 4
-    python compare.py --init smollm2-135m    # SmolLM2-135M, rank 8: listops, 1 seed (2 CPU cores)
-    python compare.py --init smollm2-135m --budget lm-gpu --device cuda    # 3 tasks x 3 seeds
-    python compare.py --quick [--init ...]   # for the tests: boolq, 1 seed, train.py's lrs
+    python tools/compare.py                        # miniature: 10 methods x 3 tasks x 3 seeds, rank 4
+    python tools/compare.py --init smollm2-135m    # SmolLM2-135M, rank 8: listops, 1 seed (2 CPU cores)
+    python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda    # 3 tasks x 3 seeds
+    python tools/compare.py --quick [--init ...]   # for the tests: boolq, 1 seed, train.py's lrs
 
 Learning rates, chosen per task on seed 0's validation split: a swept method runs its family's
 grid and keeps the best validation accuracy (a tie, e.g. all 0, goes to the lowest training loss
@@ -28,9 +28,10 @@ import sys
 import time
 from collections import Counter
 
-import checkpoints
-import train
-from tasks import make_splits
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import checkpoints  # noqa: E402
+import train  # noqa: E402
+from tasks import make_splits  # noqa: E402
 
 SHIFT = ["--mode", "activation", "--rank", "{r}", "--adapter"]                  # a vector ignores --rank
 JOINT = ["--mode", "joint", "--lora-rank", "{r}", "--rank", "{r}", "--ortho-every"]

@@ -40,6 +40,20 @@ def check_layers(model, layers):
     return list(layers)
 
 
+def write_atomically(path, write):
+    """The one way this repository writes a file: write(tmp) fills a temporary file beside path,
+    which then replaces path in one step (os.replace). A crash or Ctrl-C leaves the old file whole.
+    The temporary name keeps path's extension, so savefig still knows the format."""
+    root, extension = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{extension}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 128    # longest sequence (the learned position table has this many rows)
@@ -297,8 +311,7 @@ class GPT(nn.Module):
             raise ValueError(f"this model holds adapters ({len(extra)} tensors such as {extra[0]}): save "
                              "them with nanosteer.save, or merge/fold them into the weights first")
         payload = dict(config=asdict(self.config), model=self.state_dict(), tokenizer=tokenizer)
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
     def from_pretrained(cls, path):

@@ -40,18 +40,29 @@ def check_layers(model, layers):
     return list(layers)
 
 
-def write_atomically(path, write):
-    """The one way this repository writes a file: write(tmp) fills a temporary file beside path,
-    which then replaces path in one step (os.replace). A crash or Ctrl-C leaves the old file whole.
-    The temporary name keeps path's extension, so savefig still knows the format."""
-    root, extension = os.path.splitext(path)
-    tmp = f"{root}.{os.getpid()}.tmp{extension}"
+def write_files(folder, writers):
+    """The one way this repository writes files: {name: write} -> each write(tmp) fills a temporary
+    file in folder; only when every one has succeeded do they replace the old files (os.replace, a
+    rename). A failure or Ctrl-C while writing leaves every old file as it was. A temporary name
+    keeps its file's extension, so savefig still knows the format."""
+    os.makedirs(folder or ".", exist_ok=True)
+    temporary = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for name, write in writers.items():
+            root, extension = os.path.splitext(name)
+            temporary[name] = os.path.join(folder, f"{root}.{os.getpid()}.tmp{extension}")
+            write(temporary[name])
+        for name, tmp in temporary.items():
+            os.replace(tmp, os.path.join(folder, name))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temporary.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_atomically(path, write):
+    """One file through write_files: write(tmp) fills a temporary file that then replaces path."""
+    write_files(os.path.dirname(path), {os.path.basename(path): write})
 
 
 @dataclass

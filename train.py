@@ -171,7 +171,7 @@ def check_numbers(config):
     rates = dict(lr=config.lr, lora_lr=config.lora_lr, lora_alpha=1.0 if config.lora_alpha is None else config.lora_alpha)
     bad = [k for k, v in rates.items() if not (math.isfinite(v) and v > 0)]
     if bad:
-        raise ValueError(f"--{bad[0].replace('_', '-')} must be a positive number, got {getattr(config, bad[0])}")
+        raise ValueError(f"--{bad[0].replace('_', '-')} must be positive and finite, got {getattr(config, bad[0])}")
 
 
 def check_files(config):

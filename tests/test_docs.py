@@ -113,7 +113,7 @@ class Source:
 
 
 def arithmetic_errors(text):
-    """`a − b = c` and `√2 × a ≈ c` that are wrong as printed; returns (errors, text without c)."""
+    """The `a − b = c` and `√2 × a ≈ c` of text that are wrong as printed, and text without c."""
     errors = []
     for a, b, c in DIFFERENCE.findall(text):
         _, tol = value_and_tolerance(c.lstrip("−-"))

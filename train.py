@@ -167,7 +167,8 @@ def check_numbers(config):
         raise ValueError(f"--{bad[0].replace('_', '-')} must be {'positive' if bad[0] in positive else '≥ 0'}, "
                          f"got {getattr(config, bad[0])}")
     if config.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError("under torchrun --batch-size must be at least the number of processes")
+        raise ValueError(f"under torchrun --batch-size ≥ the number of processes: got {config.batch_size} for "
+                         f"{os.environ['WORLD_SIZE']} processes")
     rates = dict(lr=config.lr, lora_lr=config.lora_lr, lora_alpha=1.0 if config.lora_alpha is None else config.lora_alpha)
     bad = [k for k, v in rates.items() if not (math.isfinite(v) and v > 0)]
     if bad:

@@ -277,26 +277,43 @@ class GPT(nn.Module):
         only where the target is not -1, (N, vocab) in row order, and their mean cross-entropy.
         (The head is a vocab x C matmul a position: 21% of SmolLM2's forward, on positions a
         loss never reads unless we skip them.)"""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        x = self.embed(idx)                                              # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self.features(idx)                                           # (B, T, C)
         if targets is None:
             return self.lm_head(x), None                                 # (B, T, vocab)
         keep = targets != -1
         logits = self.lm_head(x[keep])                                   # (N, vocab)
-        return logits, F.cross_entropy(logits.float(), targets[keep])
+        # the mean over N targets, written as sum / N so that a batch with no target at all
+        # (N = 0) has loss 0 and zero gradients instead of 0/0 = NaN
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return logits, loss / keep.sum().clamp(min=1)
+
+    def features(self, idx):
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        if ((idx < 0) | (idx >= self.config.vocab_size)).any():
+            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), "
+                             f"got {idx.min().item()}..{idx.max().item()}")
+        x = self.embed(idx)                                              # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens. Whatever sits in the slots acts at every
-        position, prompt and generated tokens alike. temperature 0 means greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
+        """Continue idx (B, T) by at most max_new_tokens tokens. Whatever sits in the slots acts at
+        every position, prompt and generated tokens alike. temperature 0 means greedy. stop: token
+        ids that end a row (the model's end of turn); a row that has ended repeats its stop token,
+        and generation ends when every row has. Past block_size tokens the window slides: the
+        model sees only the last block_size of them."""
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
+        stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
+        ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])          # the whole (cropped) prefix again
-            logits = logits[:, -1, :]                                     # only the last position predicts
+            x = self.features(idx[:, -self.config.block_size:])[:, -1]     # (B, C): the last position
+            logits = self.lm_head(x)                                      # only it predicts (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)             # greedy
             else:
@@ -305,7 +322,11 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            next_id = torch.where(ended[:, None], idx[:, -1:], next_id)   # an ended row repeats its stop
             idx = torch.cat([idx, next_id], dim=1)
+            ended |= torch.isin(next_id[:, 0], stop)
+            if len(stop) and ended.all():
+                break
         return idx
 
     # ----------------------------------------------------------------------------------------
@@ -341,4 +362,6 @@ class GPT(nn.Module):
             detail = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"{path} does not match its own config: {detail}") from None
         model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # files from before it was recorded
+        if not isinstance(model.tokenizer_name, str):
+            raise ValueError(f"{path}: its tokenizer field is not a name ({type(model.tokenizer_name).__name__})")
         return model

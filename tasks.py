@@ -178,4 +178,6 @@ def exact_match(logits, y):
     logits: (B, T, vocab), or (N, vocab) at y's targets only, as GPT.forward(x, y) returns them."""
     keep = y != -1
     wrong = (logits[keep] if logits.dim() == 3 else logits).argmax(dim=-1) != y[keep]
-    return torch.zeros(len(y), device=y.device).index_add(0, keep.nonzero()[:, 0], wrong.float()) == 0
+    rows = keep.nonzero()[:, 0]                                 # the row of each target
+    n_wrong = torch.zeros(len(y), device=y.device).index_add(0, rows, wrong.float())
+    return (n_wrong == 0) & keep.any(dim=1)           # a row with no target answered nothing

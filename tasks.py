@@ -139,6 +139,8 @@ def load_jsonl(path, seed):
     """A user's task: one {"prompt": ..., "completion": ...} object a line, each prompt once (a
     repeat is dropped, with a warning). Split by a seeded shuffle into 80% train, 10% val, 10%
     test (at least one example each)."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a folder: give the JSONL file inside it")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path} does not exist")
     examples = []

@@ -307,6 +307,12 @@ def test_load_jsonl_missing_file(tmp_path):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_load_jsonl_given_a_folder_says_so(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give the JSONL file inside it") as e:
+        load_jsonl(str(tmp_path), seed=0)
+    assert "\n" not in str(e.value)
+
+
 BAD_LINES = ['{"prompt": "1+1=", "completion": "2"', '{"prompt": "1+1="}', '{"completion": "2"}',
              '{"prompt": "", "completion": "2"}', '{"prompt": 1, "completion": "2"}',
              '{"prompt": "1+1=", "completion": 2}', '["1+1=", "2"]', "null", '"just a string"', "7"]

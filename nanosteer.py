@@ -318,28 +318,16 @@ def report(model):
 FORMAT = "nanosteer-adapters-2"          # 2: the file records its base weights' fingerprint
 
 def base_fingerprint(model):
-    """A cheap fingerprint of the base weights (adapters left out): 8 evenly spaced entries of every
-    tensor, rounded to bfloat16 so float32, float64 and bfloat16 copies of one base agree, hashed.
-    Two models of one config but other weights (another seed, another fine-tune) differ."""
+    """A cheap fingerprint of the base weights: 8 evenly spaced entries of every tensor (adapters
+    left out), rounded to bfloat16 so float32/float64/bfloat16 copies of one base agree, hashed."""
     adapters, digest = adapter_parameters(model), hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if name in adapters or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        picks = torch.linspace(0, len(flat) - 1, 8, dtype=torch.float64).round().long()
-        sample = flat[picks.to(flat.device)].to(torch.bfloat16).float().cpu()
-        digest.update(name.encode() + sample.numpy().tobytes())
+        if name not in adapters and tensor.numel() > 0:
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, len(flat) - 1, 8, dtype=torch.float64).round().long()
+            sample = flat[picks.to(flat.device)].to(torch.bfloat16).float().cpu()
+            digest.update(name.encode() + sample.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-def check_output(path):
-    """A one-line error now, rather than an OSError after the work, when path cannot be written."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder: give a file name, e.g. {os.path.join(path, 'adapters.pt')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):           # write_files creates the missing folders
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: {folder} is not a writable folder")
 
 def save(model, path):
     """Write the adapters (what each is, its tensors, the base model's config and fingerprint) to
@@ -348,7 +336,6 @@ def save(model, path):
     if getattr(model, "merged_lora", False):
         raise ValueError("LoRA is merged into this model's weights, which no adapter file holds:"
                          " save the whole model (model.save), or the adapters before merge()")
-    check_output(path)
     spec = [dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act)
             for layer, block in enumerate(model.transformer.h) for site, slot in block.slots.items()
             if slot.shift is not None]
@@ -357,7 +344,11 @@ def save(model, path):
     payload = dict(format=FORMAT, base_config=asdict(model.config), adapters=spec,
                    base_fingerprint=base_fingerprint(model),
                    tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
-    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    try:
+        write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    except OSError as e:                        # a folder in the way, a file where a folder is wanted
+        raise ValueError(f"cannot write {path} ({e.strerror}: {e.filename}): give a file name "
+                         "in a writable folder") from None
 
 def read_adapter_file(path):
     """The payload of an adapter file, its fields of the right types. Only tensors and plain data
@@ -377,18 +368,18 @@ def read_adapter_file(path):
 
 def check_base(model, payload, path, any_base):
     """The file's base config must be the model's (dropout aside: it changes no shape), and so
-    must its base weights' fingerprint, unless any_base."""
+    must the fingerprint of its base weights, unless any_base."""
     ours, theirs = asdict(model.config), payload["base_config"]
     for key in sorted((set(ours) | set(theirs)) - {"dropout"}):
         if ours.get(key) != theirs.get(key):
-            raise ValueError(f"{path} was made for a model with {key}={theirs.get(key)}, this model has "
-                             f"{key}={ours.get(key)}")
+            raise ValueError(f"{path} was made for a model with {key}={theirs.get(key)}, "
+                             f"this model has {key}={ours.get(key)}")
     if not any_base and payload.get("base_fingerprint") != base_fingerprint(model):
-        raise ValueError(f"{path} was made on other base weights (same config, another fingerprint): load "
-                         "it onto the model it was trained on, or pass any_base=True to load it anyway")
+        raise ValueError(f"{path} was made on other base weights (same config, another fingerprint):"
+                         " load it onto the model it was trained on, or pass any_base=True")
 
 def plan_from_file(model, payload, path):
-    """Every adapter the file lists, checked and built but not attached."""
+    """Every adapter the file lists, checked and built, its tensors filled in; none attached."""
     plan = []
     for i, a in enumerate(payload["adapters"]):
         try:
@@ -398,14 +389,15 @@ def plan_from_file(model, payload, path):
                 plan += shift_plan(model, a["site"], a["kind"], a["rank"], a["layer"], a["act"] or "silu")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: adapter {i} cannot be rebuilt ({type(e).__name__}: {e})") from None
-    places = [(id(parent), attribute) for _, parent, attribute, _ in plan]
-    if len(set(places)) < len(places):
+    if len({(id(parent), attribute) for _, parent, attribute, _ in plan}) < len(plan):
         raise ValueError(f"{path} lists two adapters for one place: the file is damaged")
+    fill(plan, payload["tensors"], path)
     return plan
 
 @torch.no_grad()
 def fill(plan, tensors, path):
-    """Copy the file's tensors into the planned adapters once every name, shape and kind is right."""
+    """Copy the file's tensors into the planned (not yet attached) adapters: every name, shape and
+    kind must be right, and every value finite."""
     wanted = {f"{name}.{k}": p for name, _, _, module in plan for k, p in own_tensors(module).items()}
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
@@ -413,26 +405,21 @@ def fill(plan, tensors, path):
                          + (f"{missing[0]} is missing)" if missing else f"{extra[0]} is not expected)"))
     for key, p in wanted.items():
         t = tensors[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != p.shape:
-            found = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{path}: {key} must be a float tensor of shape {tuple(p.shape)}, not {found}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{path}: {key} holds NaN or infinite values")
-    for key, p in wanted.items():
-        p.copy_(tensors[key])
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == p.shape
+                and torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {key} must be a finite float tensor of shape {tuple(p.shape)}")
+        p.copy_(t)
 
 def load(model, path, any_base=False):
     """Rebuild the adapters saved in path on a model that holds none, and load their tensors. The
     whole file is checked first (format, base config and weights, every adapter, every tensor's
-    name, shape and kind); a refused file leaves the model as it was. any_base=True: load onto
-    other base weights of the same config (e.g. adapters moved to a fine-tuned base, knowingly)."""
+    name, shape and kind): a refused file leaves the model as it was. any_base=True loads onto
+    other base weights of the same config (adapters moved to another base, knowingly)."""
     payload = read_adapter_file(path)
     held = adapter_parameters(model)
     if held or getattr(model, "merged_lora", False):
-        what = next(iter(held), "merged LoRA")
-        raise ValueError(f"this model already holds adapters ({what}): load {path} onto a model without any")
+        raise ValueError(f"this model already holds adapters ({next(iter(held), 'merged LoRA')}): "
+                         f"load {path} onto a model without any")
     check_base(model, payload, path, any_base)
-    plan = plan_from_file(model, payload, path)
-    fill(plan, payload["tensors"], path)
-    attach(plan)
+    attach(plan_from_file(model, payload, path))
     return model

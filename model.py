@@ -32,13 +32,14 @@ def resolve_site(site):
 
 
 def check_layers(model, layers):
-    """None -> every layer; an int or a list of ints -> that list, if those layers exist (each once)."""
+    """None -> every layer; an int or a list of ints -> that list, if each layer exists, once."""
     n_layer = model.config.n_layer
     if layers is None:
         return list(range(n_layer))
     layers = [layers] if isinstance(layers, numbers.Integral) else layers
-    if not isinstance(layers, (list, tuple, range)) or not all(
-            isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
+    listed = isinstance(layers, (list, tuple, range))
+    ints = listed and all(isinstance(x, numbers.Integral) for x in layers)
+    if not ints or any(isinstance(x, bool) for x in layers):
         raise ValueError(f"layers must be an int or a list of ints, not {layers!r}")
     bad = [layer for layer in layers if not 0 <= layer < n_layer]
     if bad or not layers:
@@ -94,8 +95,9 @@ class GPTConfig:
 
     def __post_init__(self):
         """Every field checked here, in one line each, so a bad config never reaches a tensor."""
-        whole = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0, n_kv_head=0)
-        for field, least in whole.items():
+        least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
+                            n_kv_head=0)
+        for field, least in least_values.items():
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
@@ -104,15 +106,15 @@ class GPTConfig:
             number = isinstance(value, numbers.Real) and not isinstance(value, bool)
             if not number or not (0 <= value < 1 if field == "dropout" else 0 < value < math.inf):
                 raise ValueError(f"config {field}={value!r}: it must be a number {where}")
-        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"), pos=("learned", "rotary"),
-                       bias=(True, False), tie_embeddings=(True, False))
+        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"),
+                       pos=("learned", "rotary"), bias=(True, False), tie_embeddings=(True, False))
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of "
                                  f"{', '.join(map(str, allowed))}")
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, and n_head "
-                             f"a multiple of n_kv_head {self.n_kv_head}")
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, "
+                             f"and n_head a multiple of n_kv_head {self.n_kv_head}")
         if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rotary positions need an even head size n_embd / n_head")
 

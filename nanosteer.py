@@ -1,7 +1,7 @@
 """
 nanosteer.py: what you can put into a slot (an activation shift) or onto a weight (LoRA).
-Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the bridge
-of §3), the joint constraint of §7, capture, oracle shifts, a report, tiny adapter files.
+Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the
+bridge of §3), the joint constraint of §7, capture, oracle shifts, a report, tiny adapter files.
 """
 import hashlib
 import math
@@ -58,8 +58,9 @@ class NonlinearShift(LinearShift):
         return ACTIVATIONS[self.act](s @ self.D.T) @ self.U.T
 
 class ReFTShift(nn.Module):
-    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor of a free
-    matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at init: Δ = 0."""
+    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor
+    of a free matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at
+    init: Δ = 0."""
     kind = "reft"
 
     def __init__(self, n, rank, act, dtype=None):
@@ -80,8 +81,9 @@ class ReFTShift(nn.Module):
 SHIFTS = {cls.kind: cls for cls in (VectorShift, LinearShift, NonlinearShift, ReFTShift)}
 
 def whole_number(value, low, high, message):
-    """value as an int if it is a whole number (not a bool) in low..high, else ValueError(message)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+    """value as an int if it is a whole number (no bool) in low..high, else ValueError(message)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or not low <= value <= high:
         raise ValueError(message)
     return int(value)
 
@@ -126,22 +128,23 @@ def freeze(model):
 # LoRA (Hu et al., 2021): a low-rank update of a weight, THEORY §3
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha/r)·B A x, A (r×in) random, B (out×r) zero at init. THEORY §3: exactly a shift
-    of the output by (alpha/r)·B·A·x, rank-r linear in the input. W, b: the layer's own, untouched."""
+    """y = W x + b + (alpha/r)·B A x, A (r×in) random, B (out×r) zero at init. THEORY §3: exactly a
+    shift of the output by (alpha/r)·B·A·x, rank-r linear in the input. W, b: the layer's own."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        out_features, in_features = linear.weight.shape          # .to(): the weight's device and dtype
-        self.lora_A = nn.Parameter((torch.randn(rank, in_features) / math.sqrt(in_features)).to(linear.weight))
+        out_features, in_features = linear.weight.shape      # .to(): the weight's device and dtype
+        A = torch.randn(rank, in_features) / math.sqrt(in_features)
+        self.lora_A = nn.Parameter(A.to(linear.weight))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank).to(linear.weight))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_A.T @ self.lora_B.T * self.scale
 
 def linear_layers(model, layers=None):
-    """(layer, path 'attn.c_attn', parent, name, module) for each Linear/LoRALinear in the chosen blocks."""
+    """(layer, path 'attn.c_attn', parent, name, module): each Linear/LoRALinear of the blocks."""
     for layer in check_layers(model, layers):
         block = model.transformer.h[layer]
         for parent_name, parent in (("attn", block.attn), ("mlp", block.mlp)):
@@ -187,7 +190,8 @@ def merge(model):
     model is marked `merged_lora`: save() refuses it, as an adapter file would lose the update."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
-            plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False).to(child.weight)
+            out_features, in_features = child.weight.shape
+            plain = nn.Linear(in_features, out_features, bias=False).to(child.weight)
             plain.weight.copy_(child.weight + child.scale * child.lora_B @ child.lora_A)
             plain.bias = child.bias                 # the same bias tensor (or None)
             model.merged_lora = True
@@ -198,7 +202,7 @@ def merge(model):
 def orthogonalize(model, rtol=1e-4):
     """THEORY §7: each block's block_out shift must not READ the directions that the LoRA on that
     block's mlp.c_proj WRITES into. With V an orthonormal basis of col(B): D ← D (I − V Vᵀ).
-    Singular directions below rtol × the largest are skipped, so B = 0 (step 0) projects nothing."""
+    Singular directions below rtol × the largest are skipped: B = 0 (step 0) projects nothing."""
     for block in model.transformer.h:
         shift, c_proj = block.slots["block_out"].shift, block.mlp.c_proj
         if not isinstance(c_proj, LoRALinear) or not isinstance(shift, LinearShift):
@@ -247,7 +251,7 @@ def fold(model):
                 if lin.bias is not None:
                     lin.bias += lin.weight @ c
                 lin.weight += lin.weight @ M
-            else:                                 # (I + M)(W x + b) + c = (I + M) W x + (I + M) b + c
+            else:                                 # (I + M)(W x + b) + c = (I + M) W x + (I+M) b + c
                 if lin.bias is not None:
                     lin.bias += M @ lin.bias + c
                 lin.weight += M @ lin.weight
@@ -261,7 +265,8 @@ def fold(model):
 def capture(model, sites=SITES):
     """Record sites inside the `with`: acts[site][layer] = the (B, T, n) activation that the site
     passed on in the LAST forward (each forward overwrites the one before; run one per `with`)."""
-    slots = {site: [block.slots[site] for block in model.transformer.h] for site in map(resolve_site, sites)}
+    slots = {site: [block.slots[site] for block in model.transformer.h]
+             for site in map(resolve_site, sites)}
     acts = {}
     for slot in sum(slots.values(), []):
         slot.recording = True
@@ -275,9 +280,9 @@ def capture(model, sites=SITES):
 
 @torch.no_grad()
 def oracle(base, tuned, idx):
-    """THEORY §6: oracle post-block shifts on tokens idx, Δ_ℓ = z_tuned,ℓ − block_ℓ(z_tuned,ℓ−1) (base's
-    block ℓ on the tuned stream): added at every block_out, base's block outputs become tuned's
-    exactly (and so do its logits when only the blocks were tuned, not wte/wpe/ln_f)."""
+    """THEORY §6: oracle post-block shifts on tokens idx, Δ_ℓ = z_tuned,ℓ − block_ℓ(z_tuned,ℓ−1)
+    (base's block ℓ on the tuned stream): added at every block_out, base's block outputs become
+    tuned's exactly (and so do its logits when only the blocks were tuned, not wte/wpe/ln_f)."""
     with capture(tuned, ["block_out"]) as acts:
         tuned(idx)
     x, deltas = base.embed(idx), []
@@ -309,13 +314,15 @@ def report(model):
     shift_n = sum(p.numel() for p in adapters.values() if p.requires_grad) - lora_n
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in adapters.values())
-    return dict(trainable=trainable, lora=lora_n, shifts=shift_n, weights=trainable - lora_n - shift_n,
-                base_params=base, pct=100.0 * trainable / base)
+    return dict(trainable=trainable, lora=lora_n, shifts=shift_n,
+                weights=trainable - lora_n - shift_n, base_params=base,
+                pct=100.0 * trainable / base)
 
 # ---------------------------------------------------------------------------------------------
 # adapter files: the adapter tensors plus what is needed to rebuild them, nothing of the base
 
-FORMAT = "nanosteer-adapters-2"          # 2: the file records its base weights' fingerprint
+FORMAT = "nanosteer-adapters-2"         # 2: the file records its base weights' fingerprint
+OLD_FORMAT = "nanosteer-adapters-1"     # no fingerprint: loads only with any_base=True
 
 def base_fingerprint(model):
     """A cheap fingerprint of the base weights: 8 evenly spaced entries of every tensor (adapters
@@ -336,9 +343,9 @@ def save(model, path):
     if getattr(model, "merged_lora", False):
         raise ValueError("LoRA is merged into this model's weights, which no adapter file holds:"
                          " save the whole model (model.save), or the adapters before merge()")
-    spec = [dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act)
-            for layer, block in enumerate(model.transformer.h) for site, slot in block.slots.items()
-            if slot.shift is not None]
+    spec = [dict(layer=layer, site=site, kind=s.shift.kind, rank=s.shift.rank, act=s.shift.act)
+            for layer, block in enumerate(model.transformer.h) for site, s in block.slots.items()
+            if s.shift is not None]
     spec += [dict(layer=layer, site=path, kind="lora", rank=child.rank, alpha=child.alpha)
              for layer, path, _, _, child in linear_layers(model) if isinstance(child, LoRALinear)]
     payload = dict(format=FORMAT, base_config=asdict(model.config), adapters=spec,
@@ -346,7 +353,7 @@ def save(model, path):
                    tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
     try:
         write_atomically(path, lambda tmp: torch.save(payload, tmp))
-    except OSError as e:                        # a folder in the way, a file where a folder is wanted
+    except OSError as e:                    # a folder in the way, a file where a folder is wanted
         raise ValueError(f"cannot write {path} ({e.strerror}: {e.filename}): give a file name "
                          "in a writable folder") from None
 
@@ -359,11 +366,11 @@ def read_adapter_file(path):
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, a pickle of code: all the same to the user
         raise ValueError(f"{path} is not a nanosteer adapter file ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, "nanosteer-adapters-1"):
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, OLD_FORMAT):
         raise ValueError(f"{path} is not a nanosteer adapter file (format {FORMAT} expected)")
     for field, kind in dict(base_config=dict, adapters=list, tensors=dict).items():
         if not isinstance(payload.get(field), kind):
-            raise ValueError(f"{path}: its {field} is missing or malformed: save the adapters again")
+            raise ValueError(f"{path}: its {field} is missing or malformed: save the adapters anew")
     return payload
 
 def check_base(model, payload, path, any_base):
@@ -375,7 +382,7 @@ def check_base(model, payload, path, any_base):
             raise ValueError(f"{path} was made for a model with {key}={theirs.get(key)}, "
                              f"this model has {key}={ours.get(key)}")
     if not any_base and payload.get("base_fingerprint") != base_fingerprint(model):
-        raise ValueError(f"{path} was made on other base weights (same config, another fingerprint):"
+        raise ValueError(f"{path} was made on other base weights (same config, other fingerprint):"
                          " load it onto the model it was trained on, or pass any_base=True")
 
 def plan_from_file(model, payload, path):
@@ -386,9 +393,11 @@ def plan_from_file(model, payload, path):
             if a["kind"] == "lora":
                 plan += lora_plan(model, a["rank"], a["alpha"], (a["site"],), a["layer"])
             else:
-                plan += shift_plan(model, a["site"], a["kind"], a["rank"], a["layer"], a["act"] or "silu")
+                act = a["act"] or "silu"                # saved as None where the kind has none
+                plan += shift_plan(model, a["site"], a["kind"], a["rank"], a["layer"], act)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: adapter {i} cannot be rebuilt ({type(e).__name__}: {e})") from None
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f"{path}: adapter {i} cannot be rebuilt ({why})") from None
     if len({(id(parent), attribute) for _, parent, attribute, _ in plan}) < len(plan):
         raise ValueError(f"{path} lists two adapters for one place: the file is damaged")
     fill(plan, payload["tensors"], path)
@@ -398,16 +407,19 @@ def plan_from_file(model, payload, path):
 def fill(plan, tensors, path):
     """Copy the file's tensors into the planned (not yet attached) adapters: every name, shape and
     kind must be right, and every value finite."""
-    wanted = {f"{name}.{k}": p for name, _, _, module in plan for k, p in own_tensors(module).items()}
+    wanted = {}
+    for name, _, _, module in plan:
+        wanted.update({f"{name}.{k}": p for k, p in own_tensors(module).items()})
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
-        raise ValueError(f"{path}: its tensors do not match its adapters ("
-                         + (f"{missing[0]} is missing)" if missing else f"{extra[0]} is not expected)"))
+        what = f"{missing[0]} is missing" if missing else f"{extra[0]} is not expected"
+        raise ValueError(f"{path}: its tensors do not match its adapters ({what})")
     for key, p in wanted.items():
         t = tensors[key]
         if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == p.shape
                 and torch.isfinite(t).all()):
-            raise ValueError(f"{path}: {key} must be a finite float tensor of shape {tuple(p.shape)}")
+            raise ValueError(f"{path}: {key} must be a finite float tensor of shape "
+                             f"{tuple(p.shape)}")
         p.copy_(t)
 
 def load(model, path, any_base=False):

@@ -130,8 +130,9 @@ def first_of_each_prompt(examples, path):
             seen.add(example[0])
             kept.append(example)
     if len(kept) < len(examples):
-        print(f"warning: {path}: dropped {len(examples) - len(kept)} examples whose prompt appears on "
-              "an earlier line (each prompt is kept once, so it lands in one split only)", file=sys.stderr)
+        dropped = len(examples) - len(kept)
+        print(f"warning: {path}: dropped {dropped} examples whose prompt appears on an earlier line "
+              "(each prompt is kept once, so it lands in one split only)", file=sys.stderr)
     return kept
 
 

@@ -8,6 +8,7 @@ RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases.
 formats live in checkpoints.py.
 """
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -23,7 +24,7 @@ ALIASES = {"pre_mlp": "attn_out", "post_mlp": "mlp_out", "post_block": "block_ou
 
 def resolve_site(site):
     """A site name or one of the paper's aliases -> the site name."""
-    site = ALIASES.get(site, site)
+    site = ALIASES.get(site, site) if isinstance(site, str) else site
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}: choose one of {', '.join(SITES)} "
                          f"(or the paper's names {', '.join(ALIASES)})")
@@ -31,12 +32,21 @@ def resolve_site(site):
 
 
 def check_layers(model, layers):
-    """None -> every layer; an int or a list of ints -> that list, if those layers exist."""
+    """None -> every layer; an int or a list of ints -> that list, if each layer exists, once."""
     n_layer = model.config.n_layer
-    layers = range(n_layer) if layers is None else [layers] if isinstance(layers, int) else layers
+    if layers is None:
+        return list(range(n_layer))
+    layers = [layers] if isinstance(layers, numbers.Integral) else layers
+    listed = isinstance(layers, (list, tuple, range))
+    ints = listed and all(isinstance(x, numbers.Integral) for x in layers)
+    if not ints or any(isinstance(x, bool) for x in layers):
+        raise ValueError(f"layers must be an int or a list of ints, not {layers!r}")
     bad = [layer for layer in layers if not 0 <= layer < n_layer]
     if bad or not layers:
-        raise ValueError(f"layers {bad or list(layers)} do not exist: this model has layers 0..{n_layer - 1}")
+        raise ValueError(f"layers {bad or list(layers)} do not exist: "
+                         f"this model has layers 0..{n_layer - 1}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"layers {list(layers)} name a layer twice: name each once")
     return list(layers)
 
 
@@ -84,13 +94,27 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares its weight with wte
 
     def __post_init__(self):
-        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"), pos=("learned", "rotary"))
+        """Every field checked here, in one line each, so a bad config never reaches a tensor."""
+        least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
+                            n_kv_head=0)
+        for field, least in least_values.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
+        for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
+            value = getattr(self, field)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not number or not (0 <= value < 1 if field == "dropout" else 0 < value < math.inf):
+                raise ValueError(f"config {field}={value!r}: it must be a number {where}")
+        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"),
+                       pos=("learned", "rotary"), bias=(True, False), tie_embeddings=(True, False))
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
-                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of {', '.join(allowed)}")
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of "
+                                 f"{', '.join(map(str, allowed))}")
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, and n_head "
-                             f"a multiple of n_kv_head {self.n_kv_head}")
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, "
+                             f"and n_head a multiple of n_kv_head {self.n_kv_head}")
         if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rotary positions need an even head size n_embd / n_head")
 

@@ -10,10 +10,14 @@ outcomes.json). Differences and intervals are in accuracy points (percent).
 
     paired_difference(a, b)     mean accuracy of a minus b, points
     mcnemar_p(a, b)             exact two-sided McNemar p of one pair of runs
-    paired_interval(pairs)      95% bootstrap interval; one pair per seed (each seed its own prompts)
+    paired_interval(pairs)      95% bootstrap interval; a pair per seed (each its own prompts)
     verdict(claim, lo, hi)      "holds" / "does not hold" / "cannot tell at ±x points"
+    claims_table(...)           the paper's three claims, each comparison with its interval
+and compare.py's report of them: summarize (mean ± std over seeds per method), results_markdown
+(results.md: the table, then the claims), chart (compare.png).
 """
 import math
+import statistics
 
 import numpy as np
 
@@ -150,3 +154,83 @@ def claims_table(test_outcomes, label):
             "verdict |", "|---|---:|---:|---|---:|---|"]
     claims = [f"- {claim}: **{combined(w)}**" for claim, w in words.items()]
     return head + rows + [""] + claims
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: means and spreads over seeds
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with n - 1); the spread of one value is 0."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(finals, tasks, methods, majority):
+    """Per method, and for two rows without training (majority: the majority class's {(task,
+    seed): accuracy}; base: the base model, measured by train.py before each run): test accuracy
+    (mean, std) over its seeds per task and of the average over tasks (per seed first); its
+    number of seeds; trainable params and %; mean training seconds per run."""
+    accuracies = {"majority": majority, "base": {(r["task"], r["seed"]): r["base_accuracy"]
+                                                 for r in finals}}
+    for name in methods:
+        accuracies[name] = {(r["task"], r["seed"]): r["accuracy"] for r in finals
+                            if r["method"] == name}
+    rows = {}
+    for name, acc in accuracies.items():
+        seeds = sorted({s for _, s in acc})
+        mine = [r for r in finals if r["method"] == name]
+        first = mine[0] if mine else dict(trainable_params=0, trainable_pct=0.0)
+        rows[name] = {t: mean_std([acc[t, s] for s in seeds]) for t in tasks}
+        per_seed = [statistics.mean(acc[t, s] for t in tasks) for s in seeds]
+        seconds = statistics.mean(r["train_seconds"] for r in mine) if mine else 0.0
+        rows[name].update(average=mean_std(per_seed), seeds=len(seeds), seconds=seconds,
+                          params=first["trainable_params"], pct=first["trainable_pct"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# compare.py's report: results.md and compare.png
+
+
+def rates_text(lrs, sep="/"):                 # {"--lr": 0.001} -> "1e-03"
+    return sep.join(f"{v:.1e}".replace(".0e", "e") for v in lrs.values())
+
+
+def results_markdown(rows, chosen, edges, finals, args, label):
+    """results.md: the table of summarize's rows with each method's chosen rates (* = at an edge
+    of the rates tried), its footnote, and the paper's claims task by task."""
+    cols = args.tasks + ["average"]
+    lines = [f"| method | {' | '.join(cols)} | seeds | trainable params | % of model | s / run | "
+             f"lr: {', '.join(args.tasks)} |", "|---|" + "---:|" * (len(cols) + 4) + "---|"]
+    for name, row in rows.items():
+        cells = " | ".join(f"{100 * row[c][0]:.1f} ± {100 * row[c][1]:.1f}" for c in cols)
+        star = {t: "*" * ((name, t) in edges) for t in args.tasks}     # * = at an edge of the grid
+        lrs = "–" if name not in chosen else ", ".join(rates_text(chosen[name][t]) + star[t]
+                                                       for t in args.tasks)
+        lines.append(f"| {label[name]} | {cells} | {row['seeds']} | {row['params']:,} | "
+                     f"{row['pct']:.3f} | {row['seconds']:.1f} | {lrs} |")
+    at_edge = f"; * = at an edge of the lrs tried: {', '.join(f'{n} on {t}' for n, t in edges)}"
+    lines += ["", f"Test accuracy (%), mean ± std over each method's seeds ({args.n_eval} test "
+              f"prompts a task and seed). Every method {args.steps} steps of batch "
+              f"{args.batch_size}, rank {args.rank}, on {args.init}, --dtype {args.dtype}. lr: "
+              "each method's own, chosen on the validation split (seed 0); joint: shift lr/LoRA lr"
+              + (at_edge if edges else "") + "."]
+    for task in args.tasks:                   # paired prompt by prompt
+        mine = [r for r in finals if r["task"] == task]
+        outcomes = {(r["method"], r["seed"]): r["outcomes"]["test"] for r in mine}
+        lines += ["", f"### The paper's claims on {task}", ""] + claims_table(outcomes, label)
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows, args, label, path):
+    """Each row's test accuracy averaged over tasks, with its spread over seeds."""
+    from matplotlib.figure import Figure      # draws to a file, leaves pyplot's backend alone
+    fig, names = Figure(figsize=(12, 4.5), layout="tight"), list(rows)
+    ax = fig.subplots()
+    ax.bar(range(len(names)), [100 * rows[n]["average"][0] for n in names], capsize=3,
+           yerr=[100 * rows[n]["average"][1] for n in names], color="grey")
+    ax.set_xticks(range(len(names)), [label[n].replace(" (", "\n(").replace(": ", ":\n") +
+                                      f"\n{rows[n]['pct']:.2f}% params" for n in names], fontsize=6)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=f"{args.init}, {', '.join(args.tasks)}"
+           f": {args.steps} steps, rank {args.rank}; mean ± std over seeds")
+    fig.savefig(path, dpi=110, format="png")

@@ -100,13 +100,15 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
 @pytest.mark.slow
 def test_quick_comparison_writes_results_chart_and_progress(quick):
     results = json.load(open(quick["out"] / "results.json"))
-    runs = results["runs"]
+    runs, budget = results["runs"], dict(zip(compare.BUDGET_KEYS, compare.BUDGETS["nano-quick"]))
+    assert results["config"] == {**results["config"], **budget, "tasks": ["boolq"],
+                                 "seeded": list(budget["seeded"])}             # the budget, as run
     assert sorted(r["method"] for r in runs) == sorted(compare.METHODS)   # each method once: 1 task, 1 seed
     for r in runs:
         assert r["phase"] == "final" and r["task"] == "boolq" and r["seed"] == 0
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
-        assert r["steps"] == compare.BUDGETS["nano-quick"]["steps"]         # one budget for every method
-        assert r["argv"][r["argv"].index("--batch-size") + 1] == str(compare.BUDGETS["nano-quick"]["batch_size"])
+        assert r["steps"] == budget["steps"]                                # one budget for every method
+        assert r["argv"][r["argv"].index("--batch-size") + 1] == str(budget["batch_size"])
         assert r["trainable_pct"] == pytest.approx(100.0 * r["trainable_params"] / r["total_params"])
     lrs = {r["method"]: r["lrs"] for r in runs}                             # --quick: train.py's default lrs
     assert lrs["full"] == {"--lr": 1e-3} and lrs["lora"] == {"--lora-lr": 3e-3}

@@ -256,8 +256,8 @@ class StubTrain:
     """Stands in for train.train: writes what train.py writes (results.json, outcomes.json) from
     chosen numbers, counts its calls, and can stop as Ctrl-C would on a given call."""
 
-    def __init__(self, interrupt_at=None):
-        self.calls, self.interrupt_at = [], interrupt_at
+    def __init__(self, interrupt_at=None, diverge_above=None):
+        self.calls, self.interrupt_at, self.diverge_above = [], interrupt_at, diverge_above
 
     def __call__(self, config):
         self.calls.append(os.path.basename(config.out_dir))
@@ -265,6 +265,8 @@ class StubTrain:
             raise KeyboardInterrupt
         name = os.path.basename(config.out_dir).split("-")[1]     # <task>-<method>-lr...-seed<s>
         lr = config.lora_lr if config.mode == "weight" and config.lora_rank > 0 else config.lr
+        if self.diverge_above is not None and lr > self.diverge_above:
+            raise ValueError(f"the loss is not finite at step 3 (lr {lr})")   # as train.py stops
         peak = PEAK.get(name, 1e-2)
         val = 0.5 if peak is None else 0.9 - 0.1 * abs(torch.tensor(lr / peak).log10().item())
         test = val - 0.1 * config.seed                          # each seed's run is told apart
@@ -281,10 +283,10 @@ class StubTrain:
         return results
 
 
-def stubbed(tmp_path, monkeypatch, tiny_base, *flags, interrupt_at=None):
+def stubbed(tmp_path, monkeypatch, tiny_base, *flags, interrupt_at=None, diverge_above=None):
     """compare.main on tiny_base (its checks are train.py's real ones) with StubTrain.
     -> (rows, results.json, results.md's table, the stub)"""
-    stub = StubTrain(interrupt_at)
+    stub = StubTrain(interrupt_at, diverge_above)
     monkeypatch.setattr(compare.train, "train", stub)
     args = compare.parse_args(["--init", str(tiny_base), "--tasks", "listops", "--seeds", "2",
                                "--n-eval", "100", "--out-dir", str(tmp_path / "out"), *flags])
@@ -361,3 +363,23 @@ def test_another_configuration_is_refused_unless_forced(tmp_path, monkeypatch, t
     assert folder_bytes(tmp_path / "out") == before
     rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base, "--steps", "7", "--force")
     assert len(stub.calls) == 46 and results["config"]["steps"] == 7   # other arguments: redone
+
+
+def test_a_diverged_run_loses_its_sweep_and_stops_nothing_else(tmp_path, monkeypatch, tiny_base):
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base, diverge_above=0.2)
+    vector = [r for r in results["runs"] if r["method"] == "vector_block_out" and r["seed"] == 0]
+    assert [r["lrs"]["--lr"] for r in vector] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
+    assert "not finite" in vector[-1]["failed"] and "failed" not in vector[-2]
+    assert results["chosen_lrs"]["vector_block_out"]["listops"] == {"--lr": 0.1}   # not the edge now
+    assert results["edges"] == [] and len(stub.calls) == 46
+    assert "failed: the loss is not finite" in (tmp_path / "out" / "train.log").read_text()
+
+
+def test_a_method_that_fails_at_every_rate_stops_with_one_message(tmp_path, monkeypatch, tiny_base):
+    # full FT fails at its whole grid (3e-4 ..), but growing below its edge finds 1e-4, which trains;
+    # LoRA's grid grows down to 3e-4 and fails there too
+    with pytest.raises(ValueError, match=r"^lora on listops failed at every rate: the loss is not"):
+        stubbed(tmp_path, monkeypatch, tiny_base, diverge_above=1e-4)
+    full = [r for r in json.load(open(tmp_path / "out" / "runs" / "listops-full-lr1e-04-seed0" /
+                                      "results.json"))["losses"]]
+    assert full                                                    # trained, at the grown rate

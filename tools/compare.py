@@ -6,7 +6,6 @@ rank, and the paper's claims, each with a paired 95% interval and a verdict (too
     python tools/compare.py                       # miniature: 10 methods x 3 tasks x 3 seeds
     python tools/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
     python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
-    python tools/compare.py --quick [--init ...]  # for tests: boolq, 1 seed, train.py's rates
 
 Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its
 two together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps);
@@ -14,16 +13,17 @@ a winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a run (t
 process, into runs/<task>-<method>-lr<rates>-seed<s>/) holding results.json, outcomes.json and
 argv.json (same arguments) is read back, not redone. Another config in --out-dir needs --force.
 Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
+--quick: for tests (boolq, 1 seed, train.py's rates).
 """
 import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import statistics
 import sys
 import time
-from collections import Counter
 
 import torch
 
@@ -33,6 +33,7 @@ import train  # noqa: E402
 from model import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from tools import stats  # noqa: E402
+from tools.stats import majority_baseline  # noqa: E402
 
 SHIFT = "--mode activation --rank {r} --adapter "                      # a vector ignores --rank
 JOINT = "--mode joint --lora-rank {r} --rank {r} --ortho-every "
@@ -49,9 +50,8 @@ METHODS = {  # name: (rate family, row label, train.py arguments; {r}: the budge
     "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + "1"),
     "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + "0"),
 }
-RATE_FLAGS = {  # family: {train.py flag it sweeps: the grid its rates come from}
-    "full": {"--lr": "full"}, "lora": {"--lora-lr": "lora"}, "shift": {"--lr": "shift"},
-    "joint": {"--lr": "shift", "--lora-lr": "lora"}}
+RATE_FLAGS = {"full": {"--lr": "full"}, "lora": {"--lora-lr": "lora"}, "shift": {"--lr": "shift"},
+              "joint": {"--lr": "shift", "--lora-lr": "lora"}}   # {flag swept: grid of its rates}
 MAX_GROWTH = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
 # a real LM: inside the paper's ranges (THEORY §9), centred on SmolLM2's winners at 120 steps
@@ -59,9 +59,8 @@ LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3
 STEP_SECONDS = {"bfloat16": 0.9, "float32": 2.2}  # a SmolLM2 step on 2 CPU cores: bench_real.py
 ALL, IN_CLAIMS = tuple(METHODS), ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
 BUDGET_KEYS = ("tasks", "seeds", "steps", "batch_size", "n_train", "n_eval", "rank", "seeded")
-DEFAULT_BUDGET = {  # (a pretrained LM?, --quick?): the budget unless --budget
-    (False, False): "nano", (False, True): "nano-quick",
-    (True, False): "lm-verdict", (True, True): "lm-quick"}
+DEFAULT_BUDGET = {(False, False): "nano", (False, True): "nano-quick", (True, False): "lm-verdict",
+                  (True, True): "lm-quick"}                 # (a pretrained LM?, --quick?): budget
 BUDGETS = {  # one budget for every method of a table; seeded: the methods run at every seed
     "nano": ("listops,arith,boolq", 3, 250, 64, 20000, 500, 4, ALL),
     "nano-quick": ("boolq", 1, 10, 16, 200, 100, 4, ALL),
@@ -118,18 +117,17 @@ def config(args):                            # what makes a table: one config a 
 
 def check_out_dir(args):
     """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
-    out, saved = args.out_dir, os.path.join(args.out_dir, "config.json")
-    folder = os.path.abspath(out)
+    out, folder = args.out_dir, os.path.abspath(args.out_dir)
     while not os.path.isdir(folder):          # up to the nearest folder that exists
         if os.path.exists(folder):
             raise ValueError(f"--out-dir {out}: {folder} is a file: give a folder")
         folder = os.path.dirname(folder)
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--out-dir {out} is not writable: choose another")
-    has_results = os.path.exists(saved) or os.path.exists(os.path.join(out, "results.json"))
+    saved = os.path.join(out, "config.json")
     old = read_json(saved) if os.path.exists(saved) else {}
     changed = [key for key, value in config(args).items() if old.get(key) != value]
-    if has_results and changed and not args.force:
+    if (old or os.path.exists(os.path.join(out, "results.json"))) and changed and not args.force:
         raise ValueError(f"--out-dir {out} holds the results of another configuration ("
                          f"{changed[0]} {old.get(changed[0])} there): choose another, or --force")
 
@@ -165,7 +163,12 @@ def run(args, name, task, seed, lrs, log):
     if not reused:
         with contextlib.redirect_stdout(log):
             print(f"\n$ python train.py {' '.join(argv)}", flush=True)
-            train.train(train.resolve_args(train.parse_args(argv)))
+            try:
+                train.train(train.resolve_args(train.parse_args(argv)))
+            except ValueError as e:           # diverged: a sweep's worst candidate, never a result
+                print(f"failed: {e}", flush=True)
+                return dict(method=name, task=task, seed=seed, lrs=lrs, reused=False, failed=str(e),
+                            val_accuracy=-1, accuracy=0, final_loss=math.inf, train_seconds=0)
         write_atomically(files[2], text_file(json.dumps(argv)))    # last: the run is finished
     res, outcomes = read_json(files[0]), read_json(files[1])
     losses = res.pop("losses")                # all of them stay in the run's own results.json
@@ -197,12 +200,6 @@ def sweep(do, grid):
         tried.append(do(beyond, extension=True))
     winner, rates = best(tried), [r["lrs"][flags[0]] for r in tried]
     return winner, len(tried) >= 3 and winner["lrs"][flags[0]] in (min(rates), max(rates))
-
-
-def majority_baseline(splits):
-    """Answer every test prompt with train's commonest completion -> (it, its test accuracy)."""
-    answer = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
-    return answer, statistics.mean(c == answer for _, c in splits["test"])
 
 
 def majority_rows(args, finals):
@@ -251,11 +248,14 @@ def run_all(args, log, progress):
         for name in METHODS:                  # the sweep: the best validation accuracy wins
             grid = {flag: args.grid[g] for flag, g in RATE_FLAGS[METHODS[name][0]].items()}
             winner, edge = sweep(functools.partial(do, "sweep", name, task, 0), grid)
+            if "failed" in winner:
+                raise ValueError(f"{name} on {task} failed at every rate: {winner['failed']}")
             winner["phase"], chosen[name][task] = "final", winner["lrs"]
             edges += [(name, task)] * edge
         for name in METHODS:
             for seed in range(1, args.seeds if name in args.seeded else 1):
-                do("final", name, task, seed, chosen[name][task])
+                if "failed" in do("final", name, task, seed, chosen[name][task]):
+                    raise ValueError(f"{name} on {task}, seed {seed}: {runs[-1]['failed']}")
     return runs, chosen, edges
 
 
@@ -267,9 +267,9 @@ def main(args):
           f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows; into "
           f"{args.out_dir}", flush=True)
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
-        for dtype in ["bfloat16", "float32"] if args.dtype == "auto" else [args.dtype]:
-            print(f"training alone: about {plan * args.steps * STEP_SECONDS[dtype] / 3600:.1f} h "
-                  f"in {dtype} (a steering step's time; full FT's are longer)", flush=True)
+        hours = {dtype: plan * args.steps * STEP_SECONDS[dtype] / 3600 for dtype in STEP_SECONDS}
+        print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
+              + " (at a steering step's time; full fine-tuning's steps are longer)", flush=True)
     progress = Progress(plan, os.path.join(args.out_dir, "progress.log"))
     with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
         runs, chosen, edges = run_all(args, log, progress)
@@ -278,7 +278,7 @@ def main(args):
     table = stats.results_markdown(rows, chosen, edges, finals, args, LABEL)
     outcomes = {f"{r['task']}/{r['method']}/seed{r['seed']}": r["outcomes"]["test"] for r in finals}
     for r in runs:
-        del r["outcomes"]                     # in each run's folder; the finals' in outcomes.json
+        r.pop("outcomes", None)               # in each run's folder; the finals' in outcomes.json
     everything = dict(config=config(args), chosen_lrs=chosen, edges=edges, summary=rows, runs=runs)
     write_files(args.out_dir, {"results.md": text_file(table),         # together, or none of them
                                "results.json": text_file(json.dumps(everything, indent=1)),

@@ -18,6 +18,7 @@ and compare.py's report of them: summarize (mean ± std over seeds per method), 
 """
 import math
 import statistics
+from collections import Counter
 
 import numpy as np
 
@@ -163,6 +164,12 @@ def claims_table(test_outcomes, label):
 def mean_std(values):
     """(mean, sample standard deviation with n - 1); the spread of one value is 0."""
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def majority_baseline(splits):
+    """Answer every test prompt with train's commonest completion -> (it, its test accuracy)."""
+    answer = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
+    return answer, statistics.mean(c == answer for _, c in splits["test"])
 
 
 def summarize(finals, tasks, methods, majority):

@@ -56,17 +56,17 @@ def mlp_first_order(mlp, h, d, proj_term=True):
     """THEORY §4, closed form: δy ≈ ΔW_proj m + Δb_proj + W_proj δm for an update d of the MLP;
     proj_term=False leaves ΔW_proj m out (the slope-1 control)."""
     u = mlp.c_fc(h)
-    if mlp.gated:               # GLU: δm = silu'(a_g) ⊙ a_u ⊙ δa_g + silu(a_g) ⊙ δa_u, silu = a·sig
-        a_g, sig = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))     # silu'(a) = sig·(1 + a(1 − sig))
-        dm = sig * (1 + a_g * (1 - sig)) * u * linear_change(d, "c_gate", h) \
-            + a_g * sig * linear_change(d, "c_fc", h)
+    if mlp.gated:               # GLU, m = silu(g) ⊙ u: δm = silu'(g) ⊙ u ⊙ δg + silu(g) ⊙ δu
+        g, sg = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))       # silu(g) = g ς(g), sg = ς(g),
+        dm = sg * (1 + g * (1 - sg)) * u * linear_change(d, "c_gate", h) \
+            + g * sg * linear_change(d, "c_fc", h)                # silu'(g) = ς(g)(1 + g(1 − ς(g)))
     else:                       # GELU: δm = gelu'(u) ⊙ (ΔW_fc h + Δb_fc)
         dm = gelu_prime(u) * linear_change(d, "c_fc", h)
     dy = dm @ mlp.c_proj.weight.T + d.get("c_proj.bias", 0.0)
     return dy + mlp.hidden(h) @ d["c_proj.weight"].T if proj_term else dy
 
 def closed_form_change(block, direction, x, proj_term=True):
-    """δz of an MLP-only update ("mlp." names) by the closed form: r does not move, so δz = δy."""
+    """δz of an MLP-only update ("mlp." names) by the closed form: p does not move, so δz = δy."""
     d = {k.removeprefix("mlp."): v for k, v in direction.items()}
     return mlp_first_order(block.mlp, block.run(x, "mlp_in")[1], d, proj_term)
 def jvp_change(block, direction, x):             # d/dε block(x; θ + εΔ) at ε = 0, by autodiff
@@ -103,32 +103,32 @@ def first_order(model, x, layer, kind, eps=EPS):
 # ---- THEORY §5: the projection statement --------------------------------------------------------
 @torch.no_grad()
 def projection_error(block, x, rank=RANK, seed=0):
-    """Max |A y − A (I − P) z| in a block where P z = r (and in the unmodified block: no such P)."""
+    """Max |U D y − U D (I − Π) z| in a block where Π z = p (in the unmodified block: no such Π)."""
     g, d = torch.Generator().manual_seed(seed), x.shape[-1]
     Q = torch.linalg.qr(torch.randn(d, d, generator=g).to(x)).Q[:, : d // 2]
-    P, I = Q @ Q.T, torch.eye(d).to(x)                    # P projects onto the skip term's subspace
-    split = copy.deepcopy(block)                          # attention writes into col(P), the MLP
-    for linear, proj in ((split.attn.c_proj, P), (split.mlp.c_proj, I - P)):   # into col(I − P)
+    Pi, I = Q @ Q.T, torch.eye(d).to(x)                   # Π projects onto the skip term's subspace
+    split = copy.deepcopy(block)                          # attention writes into col(Π), the MLP
+    for linear, proj in ((split.attn.c_proj, Pi), (split.mlp.c_proj, I - Pi)):  # into col(I − Π)
         linear.weight.copy_(proj @ linear.weight)
         if linear.bias is not None:
             linear.bias.copy_(proj @ linear.bias)
     post_mlp = ns.LinearShift(d, rank, None).to(x)
-    post_mlp.U.copy_(torch.randn(d, rank, generator=g))   # U = 0 at init; any A = U D will do
+    post_mlp.U.copy_(torch.randn(d, rank, generator=g))   # U = 0 at init; any U D will do
     post_block = copy.deepcopy(post_mlp)
-    post_block.D.copy_(post_mlp.D @ (I - P))              # A (I − P) z = A y when P z = r
+    post_block.D.copy_(post_mlp.D @ (I - Pi))             # U D (I − Π) z = U D y when Π z = p
     gaps = [(b.run(xx, "mlp_out", post_mlp)[0] - b.run(xx, "block_out", post_block)[0]).abs().max()
-            for b, xx in ((split, x @ P), (block, x))]    # x @ P: the incoming stream in col(P)
+            for b, xx in ((split, x @ Pi), (block, x))]   # x Π: the incoming stream in col(Π)
     return gaps[0].item(), gaps[1].item()
 
 @torch.no_grad()
 def skip_share(block, x, update):
-    """THEORY §5: δz = δr + δy, so ⟨δr, δz⟩/‖δz‖² + ⟨δy, δz⟩/‖δz‖² = 1. The skip share, the first
-    term, is a projection coefficient, not a fraction: < 0 where δr points against δz, > 1 where
+    """THEORY §5: δz = δp + δy, so ⟨δp, δz⟩/‖δz‖² + ⟨δy, δz⟩/‖δz‖² = 1. The skip share, the first
+    term, is a projection coefficient, not a fraction: < 0 where δp points against δz, > 1 where
     δy does. -> (over all tokens, per token: min, max, the share of tokens outside [0, 1])."""
-    (z_ft, r_ft), (z, r) = updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
-    dr, dz = (r_ft - r).flatten(0, -2), (z_ft - z).flatten(0, -2)      # (tokens, d)
-    t = (dr * dz).sum(-1) / (dz * dz).sum(-1)
-    return ((dr * dz).sum() / (dz * dz).sum()).item(), dict(
+    (z_ft, p_ft), (z, p) = updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    dp, dz = (p_ft - p).flatten(0, -2), (z_ft - z).flatten(0, -2)      # (tokens, d)
+    t = (dp * dz).sum(-1) / (dz * dz).sum(-1)
+    return ((dp * dz).sum() / (dz * dz).sum()).item(), dict(
         min=t.min().item(), max=t.max().item(), outside=((t < 0) | (t > 1)).double().mean().item())
 
 # ---- THEORY §6–§8: oracle shifts; joint adaptation; folding -------------------------------------
@@ -202,7 +202,7 @@ def claims(r, exact):
             ("theorem", "§5 W_proj=0: token variance of y", w["y_variance"], 0, exact),
             ("measured", "§5 W_proj=0: linear post-block − post-MLP",  # no theorem: a bias-free
              w["block_out"] - w["mlp_out"], 0, None),          # U·D·z need not beat a constant
-            ("theorem", "§5 A(I−P)z == A y (max abs)", r["projection_max_abs_err"], 0, exact),
+            ("theorem", "§5 UD(I−Π)z == UDy (max abs)", r["projection_max_abs_err"], 0, exact),
             ("sanity", "§6 base + oracle in block_out slots == tuned", o["replay_max_abs_err"], 0,
              exact),
             ("sanity", "§7 |D·V| after orthogonalize", r["ortho_max_abs"]["after"], 0, exact),
@@ -250,7 +250,7 @@ def print_report(r, rows):
     print(f"exit status 1 if a theorem or sanity row is NO; a measured row is a fact, not a law\n"
           f"\nalso measured (facts about these weights): §6 oracle 90% energy in {o['rank90']} "
           f"directions (base block output {o['rank90_base']}, noise {o['rank90_noise']})\n§5 skip "
-          f"share ⟨δr, δz⟩/‖δz‖² {r['skip_share']:.2f}, a projection coefficient, not a fraction: "
+          f"share ⟨δp, δz⟩/‖δz‖² {r['skip_share']:.2f}, a projection coefficient, not a fraction: "
           f"per token from {t['min']:.2f} to {t['max']:.2f}, {t['outside']:.0%} of tokens outside "
           f"[0, 1]\nshare of δz recovered by rank-{RANK} linear steers: {sites} (sites.png)\n§5 "
           f"MLP share ‖y‖/(‖y‖ + ‖a‖) per layer: {' '.join(f'{v:.2f}' for v in r['mlp_share'])}")

@@ -253,15 +253,15 @@ def test_the_skip_share_is_a_projection_coefficient_that_leaves_0_1_on_some_toke
     update = eq.random_update(block, seed=0)
     every, per_token = eq.skip_share(block, x, update)
     assert abs(every - eq.where_to_steer(block, x, update, sites=("block_out",))[1]) <= 1e-12  # one definition
-    # token by token, independently: <δr_t, δz_t> / |δz_t|^2
-    (z_ft, r_ft), (z, r) = eq.updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
-    dr, dz = (r_ft - r).reshape(-1, 32), (z_ft - z).reshape(-1, 32)
-    ratios = [float(a @ b / (b @ b)) for a, b in zip(dr, dz)]
+    # token by token, independently: <δp_t, δz_t> / |δz_t|^2
+    (z_ft, p_ft), (z, p) = eq.updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    dp, dz = (p_ft - p).reshape(-1, 32), (z_ft - z).reshape(-1, 32)
+    ratios = [float(a @ b / (b @ b)) for a, b in zip(dp, dz)]
     assert per_token["min"] == pytest.approx(min(ratios)) and per_token["max"] == pytest.approx(max(ratios))
     outside = sum(1 for v in ratios if v < 0 or v > 1) / len(ratios)
     assert per_token["outside"] == pytest.approx(outside)
-    # this seeded update: some tokens below 0 (δr against δz); the attention's part alone: some above 1
-    # (the MLP's reaction δy points against δz there); the MLP's part alone: δr = 0, so exactly 0
+    # this seeded update: some tokens below 0 (δp against δz); the attention's part alone: some above 1
+    # (the MLP's reaction δy points against δz there); the MLP's part alone: δp = 0, so exactly 0
     assert per_token["min"] < 0 < per_token["outside"]
     assert eq.skip_share(block, x, {k: v for k, v in update.items() if k.startswith("attn.")})[1]["max"] > 1
     assert eq.skip_share(block, x, {k: v for k, v in update.items() if k.startswith("mlp.")})[0] == 0

@@ -71,9 +71,9 @@ def equivalence_figures(r, eps):
                ylim=(0, 1.25), title=f"THEORY §4–§5: where to steer (rank {RANK})")
         bx.legend(ncol=3, loc="upper center")
         cx.plot(r["mlp_share"], "o-", label=f"{r['model']}, {r['tokens']} tokens")
-        cx.set(xlabel="layer", ylabel="‖y‖ / (‖y‖ + ‖a‖)", ylim=(0, 1),
+        cx.set(xlabel="layer ℓ", ylabel="MLP share_ℓ = ‖y‖ / (‖y‖ + ‖a‖)", ylim=(0, 1),
                title="THEORY §5: the MLP's share of a block's write")
-        cx.legend()
+        cx.legend(loc="lower right")
     return {name: fig for name, (fig, _) in figures.items()}
 
 

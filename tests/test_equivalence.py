@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -20,6 +21,7 @@ import torch
 
 import checkpoints
 import equivalence as eq
+import tools.output
 import nanosteer as ns
 from model import GPT, GPTConfig
 
@@ -135,8 +137,23 @@ def test_oracle_replays_the_tuned_model_and_is_lower_rank_than_noise():
     model, idx, x, _ = tiny()
     out = eq.oracle_demo(model, idx, layer=1)
     assert out["replay_max_abs_err"] <= 1e-10
+    assert all(slot.shift is None for b in model.transformer.h for slot in b.slots.values())   # emptied again
     assert out["rank90"] < out["rank90_noise"]
     assert 0 < out["linear_fit"] <= 1 and 0 < out["nonlinear_fit"] <= 1
+
+
+def test_the_oracle_replay_goes_through_the_slots(monkeypatch):
+    """The replay tests the slots: a block_out slot that dropped its shift would fail it."""
+    model, idx, _, _ = tiny()
+    from model import Slot
+
+    def forward_without_shift(self, s):          # records (for capture) but never adds its shift
+        if self.recording:
+            self.activation = s
+        return s
+    monkeypatch.setattr(Slot, "forward", forward_without_shift)
+    monkeypatch.setattr(eq, "oracle_fits", lambda block, x, delta: {})      # (fits need working slots)
+    assert eq.oracle_demo(model, idx, layer=1)["replay_max_abs_err"] > 1e-3
 
 
 def test_orthogonalize_removes_what_the_adapter_reads_from_col_B():
@@ -175,10 +192,10 @@ def test_main_writes_json_and_figures(tmp_path):
     model.save(str(tmp_path / "model.pt"))
     assert eq.main(["--init", str(tmp_path / "model.pt"), "--out", str(tmp_path / "eq"), "--device", "cpu"])
     saved = json.loads((tmp_path / "eq" / "equivalence.json").read_text())
-    keys = {"bridge_max_abs_err", "first_order", "site_recovery", "skip_share", "wproj_zero", "fold",
-            "projection_max_abs_err", "oracle", "ortho_max_abs", "mlp_share", "tokens", "device", "dtype",
-            "seconds", "model"}
-    assert keys <= set(saved) and saved["model"] == str(tmp_path / "model.pt")
+    keys = {"bridge_max_abs_err", "first_order", "site_recovery", "skip_share", "skip_share_per_token",
+            "wproj_zero", "fold", "projection_max_abs_err", "oracle", "ortho_max_abs", "mlp_share", "tokens",
+            "device", "dtype", "seconds", "model"}
+    assert keys <= set(saved) and saved["model"] == str(tmp_path / "model.pt")   # outside the repo: as given
     assert set(saved["first_order"]) == {"gelu", "glu"} and set(saved["site_recovery"]) == set(eq.SITES)
     assert {"slope", "control_slope", "rel_err", "fd_rel_err"} <= set(saved["first_order"]["glu"])
     assert {"mlp_out", "block_out"} <= set(saved["wproj_zero"]) and len(saved["mlp_share"]) == 2
@@ -186,27 +203,137 @@ def test_main_writes_json_and_figures(tmp_path):
     assert {"before", "after"} <= set(saved["ortho_max_abs"]) and set(saved["fold"]) == set(eq.FOLDS)
     for name in ("first_order", "sites", "mlp_share"):
         assert (tmp_path / "eq" / f"{name}.png").exists()
+    assert sorted(p.name for p in (tmp_path / "eq").iterdir()) == \
+        ["equivalence.json", "first_order.png", "mlp_share.png", "sites.png"]       # no temporary left
     rows = eq.claims(saved, exact=1e-10)
     assert len(rows) == 18
-    for claim, measured, predicted, tol, op, ok in rows:
+    for kind, claim, measured, predicted, tol, ok in rows:
         assert ok, claim
 
 
-def test_a_claim_that_fails_is_marked():
-    model, _, _, _ = tiny()
+def test_every_row_is_labelled_and_only_the_post_block_gain_is_a_measurement():
+    model, idx, x, block = tiny()
+    r = dict(bridge_max_abs_err=0.0, first_order={"gelu": dict(slope=2.0, control_slope=1.0, rel_err=0.0,
+             fd_rel_err=0.0)}, wproj_zero=dict(y_variance=0.0, block_out=0.9, mlp_out=0.4),
+             projection_max_abs_err=0.0, oracle=dict(replay_max_abs_err=0.0), ortho_max_abs=dict(after=0.0),
+             fold={"mlp_out": 0.0})
+    rows = eq.claims(r, exact=1e-10)
+    assert {kind for kind, *_ in rows} == {"theorem", "sanity", "measured"}
+    measured = [claim for kind, claim, *_ in rows if kind == "measured"]
+    assert measured == ["§5 W_proj=0: linear post-block − post-MLP"]
+    sanity = {claim for kind, claim, *_ in rows if kind == "sanity"}
+    assert any(c.startswith("§6") for c in sanity) and any(c.startswith("§7") for c in sanity)
+
+
+def test_a_failed_theorem_is_marked_but_a_measured_row_never_fails_the_run(monkeypatch, tmp_path, capsys):
     r = dict(bridge_max_abs_err=1e-3, first_order={"gelu": dict(slope=1.0, control_slope=1.0, rel_err=0.0,
              fd_rel_err=0.0)}, wproj_zero=dict(y_variance=0.0, block_out=0.1, mlp_out=0.5),
              projection_max_abs_err=0.0, oracle=dict(replay_max_abs_err=0.0),
              ortho_max_abs=dict(after=0.0), fold={"mlp_out": 0.0})
-    failed = {claim for claim, *_, ok in eq.claims(r, exact=1e-10) if not ok}
-    assert failed == {"§3 bridge: W+ΔW == shift ΔW·x (max abs)", "§4 Taylor sanity: jvp's error slope, gelu",
+    failed = {claim for kind, claim, *_, ok in eq.claims(r, exact=1e-10) if not ok}
+    assert failed == {"§3 bridge: W+ΔW == shift ΔW·x (max abs)", "§4 Taylor: jvp's error slope, gelu",
                       "§5 W_proj=0: linear post-block − post-MLP"}
+    # main's exit status: only the theorem and sanity rows count. A run whose measured row says "no"
+    # (post-block behind post-MLP) still passes when every theorem holds.
+    model, _, _, _ = tiny()
+    model.save(str(tmp_path / "model.pt"))
+    real_wproj_zero = eq.wproj_zero
+
+    def post_mlp_ahead(block, x):
+        out = real_wproj_zero(block, x)
+        return dict(out, mlp_out=out["block_out"] + 0.1)
+    monkeypatch.setattr(eq, "wproj_zero", post_mlp_ahead)
+    assert eq.main(["--init", str(tmp_path / "model.pt"), "--out", str(tmp_path / "eq")])
+    table = capsys.readouterr().out
+    assert re.search(r"measured \| §5 W_proj=0: linear post-block − post-MLP .*\| no$", table, re.M)
+
+
+def test_the_skip_share_is_a_projection_coefficient_that_leaves_0_1_on_some_tokens():
+    _, _, x, block = tiny()
+    update = eq.random_update(block, seed=0)
+    every, per_token = eq.skip_share(block, x, update)
+    assert abs(every - eq.where_to_steer(block, x, update, sites=("block_out",))[1]) <= 1e-12  # one definition
+    # token by token, independently: <δp_t, δz_t> / |δz_t|^2
+    (z_ft, p_ft), (z, p) = eq.updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    dp, dz = (p_ft - p).reshape(-1, 32), (z_ft - z).reshape(-1, 32)
+    ratios = [float(a @ b / (b @ b)) for a, b in zip(dp, dz)]
+    assert per_token["min"] == pytest.approx(min(ratios)) and per_token["max"] == pytest.approx(max(ratios))
+    outside = sum(1 for v in ratios if v < 0 or v > 1) / len(ratios)
+    assert per_token["outside"] == pytest.approx(outside)
+    # this seeded update: some tokens below 0 (δp against δz); the attention's part alone: some above 1
+    # (the MLP's reaction δy points against δz there); the MLP's part alone: δp = 0, so exactly 0
+    assert per_token["min"] < 0 < per_token["outside"]
+    assert eq.skip_share(block, x, {k: v for k, v in update.items() if k.startswith("attn.")})[1]["max"] > 1
+    assert eq.skip_share(block, x, {k: v for k, v in update.items() if k.startswith("mlp.")})[0] == 0
+
+
+def run_script(*args, cwd=None):
+    return subprocess.run([sys.executable, "equivalence.py", *args], cwd=cwd or ROOT, capture_output=True, text=True)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_checkpoint_that_does_not_exist_is_a_one_line_error_with_exit_status_2(tmp_path):
-    proc = subprocess.run([sys.executable, "equivalence.py", "--checkpoint", str(tmp_path / "missing.pt")],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    proc = run_script("--checkpoint", str(tmp_path / "missing.pt"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing.pt" in proc.stderr
+
+
+def test_an_explicit_init_that_is_missing_is_refused_not_replaced_by_a_random_model(tmp_path):
+    """--init out/base/model.pt, the default path, given explicitly where it does not exist: an error."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "equivalence.py"), "--init", "out/base/model.pt",
+                           "--out", str(tmp_path / "eq")], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "out/base/model.pt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "eq").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "below a file", "unwritable"])
+def test_a_bad_out_is_refused_before_any_work_with_exit_status_2(tmp_path, case, monkeypatch):
+    if case == "a file":
+        out = tmp_path / "some_file"
+        out.write_text("keep me")
+    elif case == "below a file":
+        (tmp_path / "some_file").write_text("keep me")
+        out = tmp_path / "some_file" / "eq"
+    else:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux's /proc, where nobody can create a file")
+        out = "/proc/self/nanosteer-eq"
+    loaded = []
+    monkeypatch.setattr(eq, "load", lambda args: loaded.append(args))   # the work: never reached
+    with pytest.raises(ValueError, match="--out"):
+        eq.main(["--out", str(out)])
+    assert not loaded
+    if case != "unwritable":
+        assert (tmp_path / "some_file").read_text() == "keep me"
+    proc = run_script("--out", str(out))                  # the script: one line, exit 2 (not 1: no claim failed)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
+
+
+def test_a_failed_write_leaves_the_old_results_untouched(tmp_path, monkeypatch):
+    model, _, _, _ = tiny()
+    model.save(str(tmp_path / "model.pt"))
+    out = tmp_path / "eq"
+    out.mkdir()
+    for name in ("equivalence.json", "first_order.png", "sites.png", "mlp_share.png"):
+        (out / name).write_text("old")
+
+    def broken_save(fig, path):
+        raise OSError("disk full")
+    monkeypatch.setattr(tools.output, "save_and_close", broken_save)
+    with pytest.raises(OSError):
+        eq.main(["--init", str(tmp_path / "model.pt"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["equivalence.json", "first_order.png", "mlp_share.png",
+                                                     "sites.png"]
+    assert all(p.read_text() == "old" for p in out.iterdir())
+
+
+def test_printed_paths_are_relative_to_the_repository(tmp_path):
+    from tools.output import shown
+    assert shown(os.path.join(ROOT, "out", "equivalence")) == os.path.join("out", "equivalence")
+    assert shown(str(tmp_path / "eq")) == str(tmp_path / "eq")          # outside the repository: as given
+    assert shown("smollm2-135m") == "smollm2-135m"
 
 
 # ---- a Llama-style block: RMSNorm, rotary positions, grouped-query attention, gated MLP, no biases

@@ -1,0 +1,149 @@
+"""
+tools/claims_figure.py: the paper's three claims (THEORY §9) with their verdicts on both models,
+drawn from the committed comparison results into one slide (docs/claims.png). Re-run it whenever
+results/compare/results.json or results/smollm2/compare/results.json change:
+
+    python tools/claims_figure.py
+
+Each claim is a comparison of two methods' test accuracy, a − b in points, averaged over the
+tasks and seeds of the comparison (tools/compare.py's "final" runs):
+  1. post-block steering ≈ full fine-tuning       (within ±1 point)
+  2. post-block ahead of post-MLP and of pre-MLP  (both differences > 0)
+  3. joint ahead of LoRA and of post-block alone  (both differences > 0)
+The interval is an approximate 95% one, 1.96 · √(prompt noise² + seed noise²): prompt noise is
+the binomial standard error of each accuracy over its N test prompts (tasks × seeds × n_eval),
+unpaired; seed noise the standard error of the per-seed differences (none with one seed). It is
+wider than a paired test on per-prompt outcomes would give. The verdict words: "holds" if the
+whole interval agrees with the claim, "does not hold" if the whole interval contradicts it,
+else "cannot tell at ±x points" (x: half the interval's width).
+"""
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
+    sys.path.insert(0, str(ROOT))
+from model import write_atomically  # noqa: E402
+
+MARGIN = 1.0                                    # claim 1: "≈" means within ±1 point
+# (claim number, a, b, kind, label): kind "within" (|a − b| ≤ MARGIN) or "ahead" (a − b > 0)
+COMPARISONS = [(1, "linear_block_out", "full", "within", "post-block − full fine-tuning"),
+               (2, "linear_block_out", "linear_mlp_out", "ahead", "post-block − post-MLP"),
+               (2, "linear_block_out", "linear_attn_out", "ahead", "post-block − pre-MLP"),
+               (3, "joint", "lora", "ahead", "joint − LoRA"),
+               (3, "joint", "linear_block_out", "ahead", "joint − post-block")]
+CLAIMS = {1: "1. post-block ≈ full fine-tuning", 2: "2. post-block ahead of post-MLP, pre-MLP",
+          3: "3. joint ahead of LoRA and of post-block"}
+
+
+def seed_averages(results, method):
+    """{seed: accuracy averaged over the tasks} of one method's final runs."""
+    by_seed = {}
+    for run in results["runs"]:
+        if run["phase"] == "final" and run["method"] == method:
+            by_seed.setdefault(run["seed"], []).append(run["accuracy"])
+    return {seed: float(np.mean(accs)) for seed, accs in by_seed.items()}
+
+
+def difference(results, a, b):
+    """(a − b, half-width of the ~95% interval), in points, over the seeds both methods ran."""
+    acc_a, acc_b = seed_averages(results, a), seed_averages(results, b)
+    seeds = sorted(set(acc_a) & set(acc_b))
+    if not seeds:
+        raise ValueError(f"no final runs of both {a} and {b} in the results")
+    diffs = np.array([acc_a[s] - acc_b[s] for s in seeds])
+    n = results["budget"]["n_eval"] * len(results["budget"]["tasks"]) * len(seeds)  # prompts
+    p_a, p_b = np.mean([acc_a[s] for s in seeds]), np.mean([acc_b[s] for s in seeds])
+    prompt_se = np.sqrt(p_a * (1 - p_a) / n + p_b * (1 - p_b) / n)
+    seed_se = diffs.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
+    return 100 * diffs.mean(), 100 * 1.96 * np.sqrt(prompt_se ** 2 + seed_se ** 2)
+
+
+def verdict(kind, diff, half):
+    """The claim's word from the interval [diff − half, diff + half] (points)."""
+    low, high = diff - half, diff + half
+    if kind == "ahead":
+        holds, fails = low > 0, high <= 0
+    else:
+        holds, fails = -MARGIN <= low and high <= MARGIN, high < -MARGIN or low > MARGIN
+    if holds:
+        return "holds"
+    return "does not hold" if fails else f"cannot tell at ±{half:.1f}"
+
+
+def combined(words):
+    """A claim made of several comparisons: holds if all hold, fails if any fails."""
+    if all(w == "holds" for w in words):
+        return "holds"
+    return "does not hold" if "does not hold" in words else "cannot tell"
+
+
+def verdicts(results):
+    """-> ([(claim, label, diff, half, word)] per comparison, {claim: combined word})."""
+    rows = []
+    for claim, a, b, kind, label in COMPARISONS:
+        diff, half = difference(results, a, b)
+        rows.append((claim, label, diff, half, verdict(kind, diff, half)))
+    words = {c: combined([w for claim, *_, w in rows if claim == c]) for c in CLAIMS}
+    return rows, words
+
+
+def draw(models):
+    """models: {name: (rows, words)} -> the figure: one row per comparison, one marker per model,
+    the claim's combined verdict per model in the right-hand column."""
+    with plt.rc_context({"font.size": 12}):
+        fig, ax = plt.subplots(figsize=(7.4, 5.2))
+        labels = [label for *_, label in COMPARISONS]
+        y = np.arange(len(labels))[::-1]
+        for i, (name, (rows, _)) in enumerate(models.items()):
+            diffs, halves = [r[2] for r in rows], [r[3] for r in rows]
+            ax.errorbar(diffs, y + 0.15 - 0.3 * i, xerr=halves, fmt="os"[i], capsize=4, label=name)
+        ax.axvline(0, color="gray", lw=1)
+        ax.axvspan(-MARGIN, MARGIN, color="gray", alpha=0.15)
+        ax.set(yticks=y, yticklabels=labels, xlabel="a − b, test accuracy (points), ~95% interval")
+        lines = [f"{CLAIMS[c]}\n    " + "; ".join(f"{name.split(':')[0]}: {words[c]}"
+                                                  for name, (_, words) in models.items())
+                 for c in CLAIMS]
+        fig.text(0.01, -0.02, "The paper's three claims, verdicts:\n" + "\n".join(lines), va="top")
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=1, frameon=False)
+    return fig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw the paper's three claims with verdicts.")
+    parser.add_argument("--nano", default="results/compare/results.json")
+    parser.add_argument("--smollm2", default="results/smollm2/compare/results.json")
+    parser.add_argument("--out", default="docs/claims.png")
+    args = parser.parse_args(argv)
+    models = {}
+    for name, path in (("miniature", args.nano), ("SmolLM2-135M", args.smollm2)):
+        try:
+            results = json.loads((ROOT / path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read it ({e})") from None
+        budget = results["budget"]
+        name = f"{name}: {len(budget['tasks'])} task(s) × {budget['seeds']} seed(s)"
+        models[name] = verdicts(results)
+        print(f"{name}: {path}, tasks {', '.join(budget['tasks'])}")
+        for claim, label, diff, half, word in models[name][0]:
+            print(f"  {label:<32} {diff:+6.1f} ± {half:4.1f} points: {word}")
+    fig = draw(models)
+    write_atomically(str(ROOT / args.out), partial(fig.savefig, dpi=150, bbox_inches="tight"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"tools/claims_figure.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

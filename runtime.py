@@ -3,6 +3,7 @@ runtime.py: where and how train.py's loop runs, kept out of the loop so that it 
 A first read skips this file. It holds: the device and the number format (bf16 autocast), several
 processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the checks of an output folder.
 """
+import argparse
 import math
 import os
 import signal
@@ -13,6 +14,14 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
 
 from model import write_atomically
+
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 # ---------------------------------------------------------------------------------------------
 # device and number format

@@ -49,7 +49,7 @@ LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain, fine-tune, steer, or do both at once.")
+    p = runtime.OneLineParser(description="Pretrain, fine-tune, steer, or do both at once.")
     g = p.add_argument_group("what to train")
     g.add_argument("--mode", default="joint", choices=["pretrain", "weight", "activation", "joint"],
                    help="pretrain the base model, or adapt it through weights, activations or both")

@@ -4,7 +4,9 @@ Tests of docs/THEORY.md against the rest of the repo:
   Markdown files and the notebooks (sources and outputs) names a "## §n ..." heading of THEORY.md;
 - every code name in the notation table's code column names something in the code;
 - one symbol, one row of the table; the paper, the blog and the official code linked;
-- the SmolLM2 numbers THEORY quotes are the ones results/smollm2/equivalence.log printed.
+- the SmolLM2 numbers THEORY quotes are the ones results/smollm2/equivalence.log printed;
+- docs/LECTURE.md has its parts, its commands are Python, and the notebook cells its plan names
+  (by their headings) exist.
 
     python -m pytest tests/test_theory_refs.py
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 THEORY = ROOT / "docs" / "THEORY.md"
+LECTURE = ROOT / "docs" / "LECTURE.md"
 # "THEORY §4", "THEORY.md §1, §3, §4", "THEORY §4–§5": the word, then a list of sections or ranges
 CITATION = re.compile(r"THEORY(?:\.md)?\s*(§\s*\d+(?:\s*[–-]\s*§?\s*\d+)?(?:\s*,\s*§\s*\d+"
                       r"(?:\s*[–-]\s*§?\s*\d+)?)*)")
@@ -171,3 +174,47 @@ def test_the_smollm2_numbers_quoted_are_the_ones_equivalence_printed():
     assert f"**{oracle[0]} against {oracle[1]}**, noise {oracle[2]}" in theory
     skip = re.search(r"skip share (\d\.\d+)", log)[1]
     assert f"{skip} (SmolLM2" in theory
+
+
+def plan_cells(lecture_text):
+    """[(notebook number, heading)] named in the plan's table: nb 2 "The six sites", "..."."""
+    named = []
+    for line in lecture_text.split("## The plan, minute by minute", 1)[1].split("\n## ")[0].splitlines():
+        for number, quoted in re.findall(r"nb (\d) ((?:\"[^\"]+\"(?:, )?)+)", line):
+            named += [(int(number), h.rstrip("…")) for h in re.findall(r'"([^"]+)"', quoted)]
+    return named
+
+
+def notebook_headings(path):
+    """The '## ' headings of a notebook's markdown cells."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return [line[3:] for cell in cells if cell["cell_type"] == "markdown"
+            for line in "".join(cell["source"]).splitlines() if line.startswith("## ")]
+
+
+def test_the_lecture_has_its_parts_and_its_commands_are_python():
+    lecture = LECTURE.read_text(encoding="utf-8")
+    for part in ("## The plan, minute by minute", "## Slide: common misconceptions",
+                 "## Pen-and-paper problems", "## Expected numbers for the exercises"):
+        assert part in lecture, part
+    scripts = re.findall(r"python - [^\n]*<<'EOF'[^\n]*\n(.*?)\nEOF", lecture, re.DOTALL)
+    assert len(scripts) >= 4
+    for script in scripts:
+        compile(script, "LECTURE.md", "exec")
+    minutes = [int(m) for m in re.findall(r"^\| (\d+)–\d+ \|", lecture, re.MULTILINE)]
+    assert minutes[0] == 0 and minutes == sorted(minutes)
+    assert re.search(r"^\| \d+–90 \|", lecture, re.MULTILINE)
+
+
+def test_every_notebook_cell_the_plan_names_exists():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    named = plan_cells(LECTURE.read_text(encoding="utf-8"))
+    assert len(named) > 10
+    missing = [(n, h) for n, h in named
+               if not any(x.startswith(h) for x in notebook_headings(notebooks[n - 1]))]
+    assert missing == []
+
+
+def test_a_cell_the_plan_names_is_parsed():
+    text = '## The plan, minute by minute\n| 0–5 | x | §1 | nb 2 "The six sites", "Oracle…" |\n## Next'
+    assert plan_cells(text) == [(2, "The six sites"), (2, "Oracle")]

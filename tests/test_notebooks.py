@@ -264,6 +264,30 @@ def test_lecture_mode_rerun_prints_the_committed_numbers(path, monkeypatch):
     assert rows and all(row in fresh for row in rows), f"{path.name}: the claims cell's numbers changed"
 
 
+FIGURES = sorted((ROOT / "docs").glob("*.png"))
+
+
+@pytest.mark.parametrize("path", FIGURES, ids=lambda p: p.name)
+def test_committed_figures_are_slide_size(path):
+    """Readable on a 1280-px projector: saved at 150 dpi or more, at most ~8.5 in wide (12-pt text then
+    stays 12 pt when shown at native size), at least 700 px."""
+    from PIL import Image
+    with Image.open(path) as image:
+        width, dpi = image.size[0], image.info.get("dpi", (0, 0))[0]
+    assert dpi >= 149 and 700 <= width <= 1280, f"{path.name}: {width} px at {dpi:.0f} dpi"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_figures_fit_a_projector(path):
+    code = code_cells(path)
+    images = [out["data"]["image/png"] for c in code for out in c["outputs"] if "image/png" in out.get("data", {})]
+    assert max(map(png_width, images)) <= 1280, f"{path.name}: a figure wider than 1280 px"
+    setup = "".join(code[0]["source"])
+    assert re.search(r'"font.size": (1[2-9]|[2-9]\d)', setup), f"{path.name}: figures need 12-pt text"
+    assert not re.search(r"fontsize=([0-9]|1[01])\b|labelsize=([0-9]|1[01])\b",
+                         "".join("".join(c["source"]) for c in code)), f"{path.name}: text below 12 pt"
+
+
 # ---------------------------------------------------------------------------------------------
 # the exercise solutions (notebooks/course.py), on tiny models: each gives what its exercise promises
 

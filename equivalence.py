@@ -1,7 +1,7 @@
 """equivalence.py: docs/THEORY.md §3–§8 (Adila et al., 2026, "Weight Updates as Activation Shifts")
-checked with numbers, one function per demonstration. main() prints a line per claim (measured |
-predicted | diff | tol | ok), writes equivalence.json and three figures. `python equivalence.py`
-runs on the built-in base model (else a fresh small GPT); `--init smollm2-135m` on a real one."""
+checked with numbers, one function per demonstration. main() prints a row per check (kind: theorem,
+sanity, measured | measured | predicted | diff | tol | ok; exit 1 if a theorem or sanity row fails,
+2 on a bad argument), writes equivalence.json and 3 figures. `--init smollm2-135m`: a real LM."""
 import argparse
 import copy
 import json

@@ -288,6 +288,31 @@ def test_notebook_figures_fit_a_projector(path):
                          "".join("".join(c["source"]) for c in code)), f"{path.name}: text below 12 pt"
 
 
+def test_claims_figure_verdicts_and_redraw(tmp_path):
+    """tools/claims_figure.py: the verdict words follow the interval; the committed results redraw."""
+    from tools import claims_figure as cf
+    assert cf.verdict("ahead", 3.0, 2.0) == "holds" and cf.verdict("ahead", -3.0, 2.0) == "does not hold"
+    assert cf.verdict("ahead", 1.0, 2.0) == "cannot tell at ±2.0"
+    assert cf.verdict("within", 0.2, 0.5) == "holds" and cf.verdict("within", -44.0, 2.0) == "does not hold"
+    assert cf.combined(["holds", "cannot tell at ±2.0"]) == "cannot tell"
+    results = {"budget": {"n_eval": 500, "tasks": ["boolq"]},
+               "runs": [{"phase": "final", "method": m, "seed": s, "accuracy": a}
+                        for m, s, a in (("a", 0, 0.8), ("a", 1, 0.9), ("b", 0, 0.7), ("b", 1, 0.7), ("a", 2, 0.5))]}
+    diff, half = cf.difference(results, "a", "b")        # seed 2 has no b: left out
+    assert diff == pytest.approx(15.0) and half > 0
+    cf.main(["--out", str(tmp_path / "claims.png")])
+    assert (tmp_path / "claims.png").stat().st_size > 10_000
+
+
+def test_output_redraws_a_committed_equivalence_json(tmp_path):
+    from tools import output
+    output.main(["results/smollm2/equivalence.json" if Path.cwd() == ROOT else
+                 str(ROOT / "results" / "smollm2" / "equivalence.json"), str(tmp_path), "--suffix", "_x"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first_order_x.png", "mlp_share_x.png", "sites_x.png"]
+    with pytest.raises(ValueError, match="--out|out"):
+        output.check_out(str(ROOT / "README.md"))
+
+
 # ---------------------------------------------------------------------------------------------
 # the exercise solutions (notebooks/course.py), on tiny models: each gives what its exercise promises
 

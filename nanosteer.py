@@ -1,9 +1,11 @@
 """
 nanosteer.py: what you can put into a slot (an activation shift) or onto a weight (LoRA).
-Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the bridge
-of §3), the joint constraint of §7, capture, oracle shifts, a report, tiny adapter files.
+Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the
+bridge of §3), the joint constraint of §7, capture, oracle shifts, a report, tiny adapter files.
 """
+import hashlib
 import math
+import numbers
 import os
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import SITES, Slot, check_layers, resolve_site
+from model import SITES, Slot, check_layers, resolve_site, write_atomically
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
@@ -56,8 +58,9 @@ class NonlinearShift(LinearShift):
         return ACTIVATIONS[self.act](s @ self.D.T) @ self.U.T
 
 class ReFTShift(nn.Module):
-    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor of a free
-    matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at init: Δ = 0."""
+    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor
+    of a free matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at
+    init: Δ = 0."""
     kind = "reft"
 
     def __init__(self, n, rank, act, dtype=None):
@@ -67,8 +70,9 @@ class ReFTShift(nn.Module):
         self.W = nn.Parameter(self.R().detach().clone())     # made in dtype: W = R to the last bit
         self.b = nn.Parameter(torch.zeros(rank, dtype=dtype))
 
-    def R(self):
-        return torch.linalg.qr(self.R_free).Q.T     # (r, n), R Rᵀ = I
+    def R(self):                                # (r, n), R Rᵀ = I
+        work = torch.promote_types(self.R_free.dtype, torch.float32)  # no bfloat16 QR kernel on CPU
+        return torch.linalg.qr(self.R_free.to(work)).Q.T.to(self.R_free.dtype)
 
     def forward(self, s):
         R = self.R()
@@ -76,25 +80,45 @@ class ReFTShift(nn.Module):
 
 SHIFTS = {cls.kind: cls for cls in (VectorShift, LinearShift, NonlinearShift, ReFTShift)}
 
-def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
-    """Put a fresh shift of `kind` into `site` of each chosen layer (default all); return the new
-    shifts. Their parameters are trainable; call freeze(model) first to train only them."""
+def whole_number(value, low, high, message):
+    """value as an int if it is a whole number (no bool) in low..high, else ValueError(message)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or not low <= value <= high:
+        raise ValueError(message)
+    return int(value)
+
+def attach(plan):
+    """Put each planned adapter in place: plan = [(name, parent, attribute, module)]. Only called
+    once every check has passed, so a refused call leaves the model as it was."""
+    for _, parent, attribute, module in plan:
+        setattr(parent, attribute, module)
+    return [module for *_, module in plan]
+
+def shift_plan(model, site, kind, rank, layers, act):
+    """steer()'s arguments, all checked -> the shifts to attach (nothing attached yet)."""
     site = resolve_site(site)
     if kind not in SHIFTS:
         raise ValueError(f"unknown adapter kind {kind!r}: choose one of {', '.join(SHIFTS)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}: choose one of {', '.join(ACTIVATIONS)}")
     n = model.config.d_mlp if site == "mlp_hidden" else model.config.n_embd
-    if kind != "vector" and not 1 <= rank <= n:
-        raise ValueError(f"rank {rank} is out of range: it must be between 1 and the width {n} of {site}")
-    like, shifts = model.lm_head.weight, []          # new tensors take the model's dtype and device
-    for layer in check_layers(model, layers):
+    if kind != "vector":                        # a vector shift has no rank
+        rank = whole_number(rank, 1, n, f"rank {rank!r} is out of range: it must be a whole "
+                                        f"number between 1 and the width {n} of {site}")
+    slots = []
+    for layer in check_layers(model, layers):   # every layer checked before any is changed
         slot = model.transformer.h[layer].slots[site]
         if slot.shift is not None:
             raise ValueError(f"layer {layer} {site} already holds a {slot.shift.kind} shift")
-        slot.shift = SHIFTS[kind](n, rank, act, like.dtype).to(like.device)
-        shifts.append(slot.shift)
-    return shifts
+        slots.append((f"transformer.h.{layer}.slots.{site}.shift", slot))
+    like = model.lm_head.weight                 # new tensors take the model's dtype and device
+    return [(name, slot, "shift", SHIFTS[kind](n, rank, act, like.dtype).to(like.device))
+            for name, slot in slots]
+
+def steer(model, site, kind="linear", rank=4, layers=None, act="silu"):
+    """Put a fresh shift of `kind` into `site` of each chosen layer (default all); return the new
+    shifts. Their parameters are trainable; call freeze(model) first to train only them."""
+    return attach(shift_plan(model, site, kind, rank, layers, act))
 
 def freeze(model):
     """Make every parameter present now untrainable (adapters attached later stay trainable)."""
@@ -104,22 +128,23 @@ def freeze(model):
 # LoRA (Hu et al., 2021): a low-rank update of a weight, THEORY §3
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha/r)·B A x, A (r×in) random, B (out×r) zero at init. THEORY §3: exactly a shift
-    of the output by (alpha/r)·B·A·x, rank-r linear in the input. W, b: the layer's own, untouched."""
+    """y = W x + b + (alpha/r)·B A x, A (r×in) random, B (out×r) zero at init. THEORY §3: exactly a
+    shift of the output by (alpha/r)·B·A·x, rank-r linear in the input. W, b: the layer's own."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        out_features, in_features = linear.weight.shape          # .to(): the weight's device and dtype
-        self.lora_A = nn.Parameter((torch.randn(rank, in_features) / math.sqrt(in_features)).to(linear.weight))
+        out_features, in_features = linear.weight.shape      # .to(): the weight's device and dtype
+        A = torch.randn(rank, in_features) / math.sqrt(in_features)
+        self.lora_A = nn.Parameter(A.to(linear.weight))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank).to(linear.weight))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_A.T @ self.lora_B.T * self.scale
 
 def linear_layers(model, layers=None):
-    """(layer, path 'attn.c_attn', parent, name, module) for each Linear/LoRALinear in the chosen blocks."""
+    """(layer, path 'attn.c_attn', parent, name, module): each Linear/LoRALinear of the blocks."""
     for layer in check_layers(model, layers):
         block = model.transformer.h[layer]
         for parent_name, parent in (("attn", block.attn), ("mlp", block.mlp)):
@@ -127,22 +152,37 @@ def linear_layers(model, layers=None):
                 if isinstance(child, (nn.Linear, LoRALinear)):
                     yield layer, f"{parent_name}.{name}", parent, name, child
 
-def lora(model, rank, alpha=None, targets=("c_attn", "c_proj", "c_fc", "c_gate"), layers=None):
-    """LoRA of rank r and scale alpha/r (alpha defaults to 2r) on each Linear of the chosen blocks
-    named in targets ('c_proj': attn.c_proj and mlp.c_proj; 'mlp.c_proj': that one only)."""
+def lora_plan(model, rank, alpha, targets, layers):
+    """lora()'s arguments, all checked -> the LoRALinear layers to put in place (none yet)."""
+    found = list(linear_layers(model, layers))
+    names = sorted({name for _, _, _, name, _ in found} | {path for _, path, _, _, _ in found})
+    targets = names if targets is None else [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, (list, tuple, set)) or not targets:
+        raise ValueError(f"LoRA targets must be a list of names from {', '.join(names)}")
+    for target in targets:
+        if target not in names:
+            raise ValueError(f"unknown LoRA target {target!r}: this model's Linear layers are "
+                             f"{', '.join(names)}")
+    chosen = [f for f in found if f[3] in targets or f[1] in targets]
+    shapes = {path: tuple(child.weight.shape) for _, path, _, _, child in chosen}
+    narrowest = min(shapes, key=lambda path: min(shapes[path]))
+    limit = min(shapes[narrowest])
+    rank = whole_number(rank, 1, limit, f"LoRA rank {rank!r} is out of range: {narrowest} is "
+                        f"{shapes[narrowest]}, so it must be a whole number 1..{limit}")
     alpha = 2 * rank if alpha is None else alpha
-    added = []
-    for layer, path, parent, name, child in list(linear_layers(model, layers)):
-        if name not in targets and path not in targets:
-            continue
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"LoRA alpha {alpha!r} must be a positive number (the scale is alpha/r)")
+    for layer, path, _, _, child in chosen:
         if isinstance(child, LoRALinear):
             raise ValueError(f"layer {layer} {path} already has LoRA")
-        if not 1 <= rank <= min(child.weight.shape):
-            raise ValueError(f"LoRA rank {rank} is out of range: {path} is {tuple(child.weight.shape)}, "
-                             f"so the rank must be between 1 and {min(child.weight.shape)}")
-        setattr(parent, name, LoRALinear(child, rank, alpha))
-        added.append(getattr(parent, name))
-    return added
+    return [(f"transformer.h.{layer}.{path}", parent, name, LoRALinear(child, rank, alpha))
+            for layer, path, parent, name, child in chosen]
+
+def lora(model, rank, alpha=None, targets=None, layers=None):
+    """LoRA of rank r and scale alpha/r (alpha defaults to 2r) on each Linear of the chosen blocks
+    named in targets (default: every one; 'c_proj': attn.c_proj and mlp.c_proj; 'mlp.c_proj':
+    that one only). Every argument and layer is checked before any layer changes."""
+    return attach(lora_plan(model, rank, alpha, targets, layers))
 
 @torch.no_grad()
 def merge(model):
@@ -150,7 +190,8 @@ def merge(model):
     model is marked `merged_lora`: save() refuses it, as an adapter file would lose the update."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
-            plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False).to(child.weight)
+            out_features, in_features = child.weight.shape
+            plain = nn.Linear(in_features, out_features, bias=False).to(child.weight)
             plain.weight.copy_(child.weight + child.scale * child.lora_B @ child.lora_A)
             plain.bias = child.bias                 # the same bias tensor (or None)
             model.merged_lora = True
@@ -161,7 +202,7 @@ def merge(model):
 def orthogonalize(model, rtol=1e-4):
     """THEORY §7: each block's block_out shift must not READ the directions that the LoRA on that
     block's mlp.c_proj WRITES into. With V an orthonormal basis of col(B): D ← D (I − V Vᵀ).
-    Singular directions below rtol × the largest are skipped, so B = 0 (step 0) projects nothing."""
+    Singular directions below rtol × the largest are skipped: B = 0 (step 0) projects nothing."""
     for block in model.transformer.h:
         shift, c_proj = block.slots["block_out"].shift, block.mlp.c_proj
         if not isinstance(c_proj, LoRALinear) or not isinstance(shift, LinearShift):
@@ -210,7 +251,7 @@ def fold(model):
                 if lin.bias is not None:
                     lin.bias += lin.weight @ c
                 lin.weight += lin.weight @ M
-            else:                                 # (I + M)(W x + b) + c = (I + M) W x + (I + M) b + c
+            else:                                 # (I + M)(W x + b) + c = (I + M) W x + (I+M) b + c
                 if lin.bias is not None:
                     lin.bias += M @ lin.bias + c
                 lin.weight += M @ lin.weight
@@ -224,7 +265,8 @@ def fold(model):
 def capture(model, sites=SITES):
     """Record sites inside the `with`: acts[site][layer] = the (B, T, n) activation that the site
     passed on in the LAST forward (each forward overwrites the one before; run one per `with`)."""
-    slots = {site: [block.slots[site] for block in model.transformer.h] for site in map(resolve_site, sites)}
+    slots = {site: [block.slots[site] for block in model.transformer.h]
+             for site in map(resolve_site, sites)}
     acts = {}
     for slot in sum(slots.values(), []):
         slot.recording = True
@@ -238,9 +280,9 @@ def capture(model, sites=SITES):
 
 @torch.no_grad()
 def oracle(base, tuned, idx):
-    """THEORY §6: oracle post-block shifts on tokens idx, Δ_ℓ = z_tuned,ℓ − block_ℓ(z_tuned,ℓ−1) (base's
-    block ℓ on the tuned stream): added at every block_out, base's block outputs become tuned's
-    exactly (and so do its logits when only the blocks were tuned, not wte/wpe/ln_f)."""
+    """THEORY §6: oracle post-block shifts on tokens idx, Δ_ℓ = z_tuned,ℓ − block_ℓ(z_tuned,ℓ−1)
+    (base's block ℓ on the tuned stream): added at every block_out, base's block outputs become
+    tuned's exactly (and so do its logits when only the blocks were tuned, not wte/wpe/ln_f)."""
     with capture(tuned, ["block_out"]) as acts:
         tuned(idx)
     x, deltas = base.embed(idx), []
@@ -249,14 +291,20 @@ def oracle(base, tuned, idx):
         x = z
     return deltas
 
+def own_tensors(module):
+    """An adapter's own tensors by name: a shift's parameters, a LoRALinear's A and B (not W, b)."""
+    if isinstance(module, LoRALinear):
+        return {"lora_A": module.lora_A, "lora_B": module.lora_B}
+    return dict(module.named_parameters())
+
 def adapter_parameters(model):
     """{name: parameter} of every shift and LoRA tensor in the model, found by module type."""
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, Slot) and module.shift is not None:
-            found.update({f"{name}.shift.{k}": p for k, p in module.shift.named_parameters()})
+            found.update({f"{name}.shift.{k}": p for k, p in own_tensors(module.shift).items()})
         if isinstance(module, LoRALinear):
-            found.update({f"{name}.lora_A": module.lora_A, f"{name}.lora_B": module.lora_B})
+            found.update({f"{name}.{k}": p for k, p in own_tensors(module).items()})
     return found
 
 def report(model):
@@ -266,49 +314,124 @@ def report(model):
     shift_n = sum(p.numel() for p in adapters.values() if p.requires_grad) - lora_n
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in adapters.values())
-    return dict(trainable=trainable, lora=lora_n, shifts=shift_n, weights=trainable - lora_n - shift_n,
-                base_params=base, pct=100.0 * trainable / base)
+    return dict(trainable=trainable, lora=lora_n, shifts=shift_n,
+                weights=trainable - lora_n - shift_n, base_params=base,
+                pct=100.0 * trainable / base)
 
 # ---------------------------------------------------------------------------------------------
 # adapter files: the adapter tensors plus what is needed to rebuild them, nothing of the base
 
+FORMAT = "nanosteer-adapters-2"         # 2: the file records its base weights' fingerprint
+OLD_FORMAT = "nanosteer-adapters-1"     # no fingerprint: loads only with any_base=True
+
+def base_fingerprint(model):
+    """A cheap fingerprint of the base weights: 8 evenly spaced entries of every tensor (adapters
+    left out), rounded to bfloat16 so float32/float64/bfloat16 copies of one base agree, hashed."""
+    adapters, digest = adapter_parameters(model), hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name not in adapters and tensor.numel() > 0:
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, len(flat) - 1, 8, dtype=torch.float64).round().long()
+            sample = flat[picks.to(flat.device)].to(torch.bfloat16).float().cpu()
+            digest.update(name.encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
 def save(model, path):
-    """Write the adapters (what each is, its tensors, the base model's config) to path, atomically.
-    After merge() the LoRA update is in the weights, where no adapter file looks: refused."""
+    """Write the adapters (what each is, its tensors, the base model's config and fingerprint) to
+    path, atomically; missing folders are made. After merge() the LoRA update is in the weights,
+    where no adapter file looks: refused."""
     if getattr(model, "merged_lora", False):
         raise ValueError("LoRA is merged into this model's weights, which no adapter file holds:"
                          " save the whole model (model.save), or the adapters before merge()")
-    spec = [dict(layer=layer, site=site, kind=slot.shift.kind, rank=slot.shift.rank, act=slot.shift.act)
-            for layer, block in enumerate(model.transformer.h) for site, slot in block.slots.items()
-            if slot.shift is not None]
+    spec = [dict(layer=layer, site=site, kind=s.shift.kind, rank=s.shift.rank, act=s.shift.act)
+            for layer, block in enumerate(model.transformer.h) for site, s in block.slots.items()
+            if s.shift is not None]
     spec += [dict(layer=layer, site=path, kind="lora", rank=child.rank, alpha=child.alpha)
              for layer, path, _, _, child in linear_layers(model) if isinstance(child, LoRALinear)]
-    payload = dict(format="nanosteer-adapters-1", base_config=asdict(model.config), adapters=spec,
+    payload = dict(format=FORMAT, base_config=asdict(model.config), adapters=spec,
+                   base_fingerprint=base_fingerprint(model),
                    tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    except OSError as e:                    # a folder in the way, a file where a folder is wanted
+        raise ValueError(f"cannot write {path} ({e.strerror}: {e.filename}): give a file name "
+                         "in a writable folder") from None
 
-def load(model, path):
-    """Rebuild the adapters saved in path on a model with empty slots and no LoRA, and load their
-    tensors. The model must have the shapes the file was made for."""
+def read_adapter_file(path):
+    """The payload of an adapter file, its fields of the right types. Only tensors and plain data
+    are read (weights_only): a file cannot run code."""
     if not os.path.isfile(path):
         raise ValueError(f"adapter file {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-        if payload["format"] != "nanosteer-adapters-1":
-            raise KeyError("format")
-    except Exception as e:  # not a torch file, not a dict, another format: all the same to the user
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, a pickle of code: all the same to the user
         raise ValueError(f"{path} is not a nanosteer adapter file ({type(e).__name__})") from None
-    for key, value in payload["base_config"].items():
-        if key != "dropout" and getattr(model.config, key, None) != value:  # dropout changes no shape
-            raise ValueError(f"{path} was made for a model with {key}={value}, this model has "
-                             f"{key}={getattr(model.config, key, None)}")
-    for a in payload["adapters"]:
-        if a["kind"] == "lora":
-            lora(model, a["rank"], a["alpha"], targets=(a["site"],), layers=a["layer"])
-        elif a["kind"] in SHIFTS:
-            steer(model, a["site"], a["kind"], max(a["rank"], 1), a["layer"], a["act"] or "silu")
-    with torch.no_grad():
-        for k, p in adapter_parameters(model).items():
-            p.copy_(payload["tensors"][k])
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, OLD_FORMAT):
+        raise ValueError(f"{path} is not a nanosteer adapter file (format {FORMAT} expected)")
+    for field, kind in dict(base_config=dict, adapters=list, tensors=dict).items():
+        if not isinstance(payload.get(field), kind):
+            raise ValueError(f"{path}: its {field} is missing or malformed: save the adapters anew")
+    return payload
+
+def check_base(model, payload, path, any_base):
+    """The file's base config must be the model's (dropout aside: it changes no shape), and so
+    must the fingerprint of its base weights, unless any_base."""
+    ours, theirs = asdict(model.config), payload["base_config"]
+    for key in sorted((set(ours) | set(theirs)) - {"dropout"}):
+        if ours.get(key) != theirs.get(key):
+            raise ValueError(f"{path} was made for a model with {key}={theirs.get(key)}, "
+                             f"this model has {key}={ours.get(key)}")
+    if not any_base and payload.get("base_fingerprint") != base_fingerprint(model):
+        raise ValueError(f"{path} was made on other base weights (same config, other fingerprint):"
+                         " load it onto the model it was trained on, or pass any_base=True")
+
+def plan_from_file(model, payload, path):
+    """Every adapter the file lists, checked and built, its tensors filled in; none attached."""
+    plan = []
+    for i, a in enumerate(payload["adapters"]):
+        try:
+            if a["kind"] == "lora":
+                plan += lora_plan(model, a["rank"], a["alpha"], (a["site"],), a["layer"])
+            else:
+                act = a["act"] or "silu"                # saved as None where the kind has none
+                plan += shift_plan(model, a["site"], a["kind"], a["rank"], a["layer"], act)
+        except (KeyError, TypeError, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f"{path}: adapter {i} cannot be rebuilt ({why})") from None
+    if len({(id(parent), attribute) for _, parent, attribute, _ in plan}) < len(plan):
+        raise ValueError(f"{path} lists two adapters for one place: the file is damaged")
+    fill(plan, payload["tensors"], path)
+    return plan
+
+@torch.no_grad()
+def fill(plan, tensors, path):
+    """Copy the file's tensors into the planned (not yet attached) adapters: every name, shape and
+    kind must be right, and every value finite."""
+    wanted = {}
+    for name, _, _, module in plan:
+        wanted.update({f"{name}.{k}": p for k, p in own_tensors(module).items()})
+    missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
+    if missing or extra:
+        what = f"{missing[0]} is missing" if missing else f"{extra[0]} is not expected"
+        raise ValueError(f"{path}: its tensors do not match its adapters ({what})")
+    for key, p in wanted.items():
+        t = tensors[key]
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == p.shape
+                and torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {key} must be a finite float tensor of shape "
+                             f"{tuple(p.shape)}")
+        p.copy_(t)
+
+def load(model, path, any_base=False):
+    """Rebuild the adapters saved in path on a model that holds none, and load their tensors. The
+    whole file is checked first (format, base config and weights, every adapter, every tensor's
+    name, shape and kind): a refused file leaves the model as it was. any_base=True loads onto
+    other base weights of the same config (adapters moved to another base, knowingly)."""
+    payload = read_adapter_file(path)
+    held = adapter_parameters(model)
+    if held or getattr(model, "merged_lora", False):
+        raise ValueError(f"this model already holds adapters ({next(iter(held), 'merged LoRA')}): "
+                         f"load {path} onto a model without any")
+    check_base(model, payload, path, any_base)
+    attach(plan_from_file(model, payload, path))
     return model

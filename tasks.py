@@ -10,6 +10,7 @@ a pretrained LLM's skills.
 import json
 import os
 import random
+import sys
 
 import tiktoken
 import torch
@@ -120,9 +121,27 @@ def make_splits(task, seed, n_train=20000, n_eval=500):
     return dict(train=train, val=held[:n_eval], test=held[n_eval:])
 
 
+def first_of_each_prompt(examples, path):
+    """Keep the first example of each prompt: a prompt repeated in train and test would be scored
+    on an answer the model was trained on. Says on stderr how many were dropped."""
+    seen, kept = set(), []
+    for example in examples:
+        if example[0] not in seen:
+            seen.add(example[0])
+            kept.append(example)
+    if len(kept) < len(examples):
+        dropped = len(examples) - len(kept)
+        print(f"warning: {path}: dropped {dropped} examples whose prompt appears on an earlier line "
+              "(each prompt is kept once, so it lands in one split only)", file=sys.stderr)
+    return kept
+
+
 def load_jsonl(path, seed):
-    """A user's task: one {"prompt": ..., "completion": ...} object a line. Split by a seeded
-    shuffle into 80% train, 10% val, 10% test (at least one example each)."""
+    """A user's task: one {"prompt": ..., "completion": ...} object a line, each prompt once (a
+    repeat is dropped, with a warning). Split by a seeded shuffle into 80% train, 10% val, 10%
+    test (at least one example each)."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a folder: give the JSONL file inside it")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path} does not exist")
     examples = []
@@ -139,6 +158,7 @@ def load_jsonl(path, seed):
                 raise ValueError(f"{path} line {n}: expected a UTF-8 JSON object with string fields "
                                  "'prompt' (not empty) and 'completion'")
             examples.append((row["prompt"], row["completion"], n))
+    examples = first_of_each_prompt(examples, path)
     if len(examples) < 3:
         raise ValueError(f"{path} has {len(examples)} examples; it needs at least 3 (train, val, test)")
     random.Random(seed).shuffle(examples)
@@ -178,4 +198,6 @@ def exact_match(logits, y):
     logits: (B, T, vocab), or (N, vocab) at y's targets only, as GPT.forward(x, y) returns them."""
     keep = y != -1
     wrong = (logits[keep] if logits.dim() == 3 else logits).argmax(dim=-1) != y[keep]
-    return torch.zeros(len(y), device=y.device).index_add(0, keep.nonzero()[:, 0], wrong.float()) == 0
+    rows = keep.nonzero()[:, 0]                                 # the row of each target
+    n_wrong = torch.zeros(len(y), device=y.device).index_add(0, rows, wrong.float())
+    return (n_wrong == 0) & keep.any(dim=1)           # a row with no target answered nothing

@@ -7,25 +7,28 @@ train.py: one script for every way of adapting a model (Adila et al., 2026, THEO
     python train.py --mode joint        # LoRA + post-block shifts, kept orthogonal (THEORY §7)
 
 An adaptation mode whose --init is the built-in base checkpoint pretrains it first if it is
-missing. Writes results.json, loss.png and the trained tensors into --out-dir.
+missing. Writes results.json, outcomes.json (which val and test prompts it got right), loss.png and
+the trained tensors into --out-dir, together, only when the run has finished with a finite loss.
+
+Read it top to bottom: the arguments, the model, the loop a student reads (train_steps), the run
+around it. Devices, bf16, torchrun, Ctrl-C and resume files live in runtime.py (a first read skips it).
 """
 import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
 import nanosteer
-from model import GPT, GPTConfig, SITES, resolve_site
+import runtime
+from model import GPT, GPTConfig, SITES, resolve_site, write_files
+from runtime import pick_device  # noqa: F401  (sample.py and the notebooks import it from here)
 from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
 BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
@@ -36,8 +39,8 @@ DEFAULT_LR = {"pretrain": 3e-3, "full": 1e-3, "lora": 3e-3, "shift": 1e-2}
 DEFAULT_STEPS = {"pretrain": 500, "weight": 300, "activation": 300, "joint": 300}
 NANO_DEFAULTS = dict(lr=DEFAULT_LR, rank=4, lora_rank=4, batch_size=256, warmup=50, log_every=50)
 # Other people's pretrained LMs (--init smollm2-135m) want the paper's small rates and rank 8 (THEORY
-# §9); on listops, batch 16: shifts 1e-3 (3e-3 is worse, 1e-2 diverges), LoRA 5e-4, full FT 3e-5
-# (issue 11's calibration). Batch 16: a step of about 2.3 s on 2 idle CPU cores.
+# §9); calibrated on SmolLM2 listops, batch 16: shifts 1e-3 (3e-3 is worse, 1e-2 diverges), LoRA
+# 5e-4, full FT 3e-5.
 LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_rank=8, batch_size=16,
                    warmup=10, log_every=10)
 
@@ -46,7 +49,7 @@ LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain, fine-tune, steer, or do both at once.")
+    p = runtime.OneLineParser(description="Pretrain, fine-tune, steer, or do both at once.")
     g = p.add_argument_group("what to train")
     g.add_argument("--mode", default="joint", choices=["pretrain", "weight", "activation", "joint"],
                    help="pretrain the base model, or adapt it through weights, activations or both")
@@ -84,6 +87,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="number format "
+                   "of the passes (weights stay float32). auto: bf16 autocast on CUDA, and on a CPU with native "
+                   "bf16 matmul for a pretrained LM; float32 otherwise")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
     g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")
@@ -94,142 +100,122 @@ def parse_args(argv=None):
 
 
 def resolve_args(args):
-    """Fill defaults that depend on other arguments and reject bad values, before any work."""
-    if args.task is None:
-        args.task = "pretrain" if args.mode == "pretrain" else DEFAULT_TASK
-    if args.mode == "pretrain" and args.init is not None:
-        raise ValueError(f"--mode pretrain trains a new model from scratch, it takes no --init: drop --init {args.init}")
-    args.init = BASE_CHECKPOINT if args.init is None else args.init
-    if args.data is None and args.task not in TASKS:
-        raise ValueError(f"unknown task {args.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
-    if args.data is not None:
-        args.task = os.path.splitext(os.path.basename(args.data))[0]
-    args.site = resolve_site(args.site)
-    if args.adapter not in nanosteer.SHIFTS:
-        raise ValueError(f"unknown adapter {args.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
-    if args.act not in nanosteer.ACTIVATIONS:
-        raise ValueError(f"unknown activation {args.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
+    """The user's arguments -> a new config with every default filled in and every value checked,
+    before any work (args itself is left as the user gave it)."""
+    config = argparse.Namespace(**vars(args))
+    if config.task is None:
+        config.task = "pretrain" if config.mode == "pretrain" else DEFAULT_TASK
+    if config.mode == "pretrain" and config.init is not None:
+        raise ValueError(f"--mode pretrain trains a new model from scratch, it takes no --init: drop --init {config.init}")
+    config.init = BASE_CHECKPOINT if config.init is None else config.init
+    check_choices(config)
+    if config.data is not None:
+        config.task = os.path.splitext(os.path.basename(config.data))[0]
     # other people's pretrained language models get LM_DEFAULTS, our own small models NANO_DEFAULTS
-    lm = args.mode != "pretrain" and checkpoints.is_pretrained_lm(args.init)
+    lm = config.mode != "pretrain" and checkpoints.is_pretrained_lm(config.init)
     defaults = LM_DEFAULTS if lm else NANO_DEFAULTS
     for key in ("rank", "batch_size", "warmup", "log_every"):
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
-    if args.lora_rank is None:
-        args.lora_rank = {"weight": 8, "joint": defaults["lora_rank"]}.get(args.mode, 0)
-    if args.lora_rank < 0 or (args.mode == "joint" and args.lora_rank == 0):
-        raise ValueError(f"--lora-rank {args.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
-                         "in weight mode)")
-    if args.mode == "joint" and (args.site != "block_out" or args.adapter not in ("linear", "nonlinear")):
+        if getattr(config, key) is None:
+            setattr(config, key, defaults[key])
+    if config.lora_rank is None:
+        config.lora_rank = {"weight": 8, "joint": defaults["lora_rank"]}.get(config.mode, 0)
+    if config.steps is None:
+        config.steps = DEFAULT_STEPS[config.mode]
+    weights_lr = DEFAULT_LR["pretrain"] if config.mode == "pretrain" else defaults["lr"]["full"]
+    shifts_lr = defaults["lr"]["shift"]
+    if config.lr is None:
+        config.lr = shifts_lr if config.mode in ("activation", "joint") else weights_lr
+    if config.lora_lr is None:
+        config.lora_lr = defaults["lr"]["lora"]
+    if config.layers is not None:
+        try:
+            config.layers = [int(s) for s in config.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
+    check_numbers(config)
+    if config.out_dir is None:
+        config.out_dir = os.path.dirname(BASE_CHECKPOINT) if config.mode == "pretrain" else \
+            os.path.join("out", f"{config.mode}-{config.task}")
+    check_files(config)
+    return config
+
+
+def check_choices(config):
+    """Names that must be one of a list: task, site, adapter, activation, and joint's pairing."""
+    if config.data is None and config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
+    config.site = resolve_site(config.site)
+    if config.adapter not in nanosteer.SHIFTS:
+        raise ValueError(f"unknown adapter {config.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
+    if config.act not in nanosteer.ACTIVATIONS:
+        raise ValueError(f"unknown activation {config.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
+    if config.mode == "joint" and (config.site != "block_out" or config.adapter not in ("linear", "nonlinear")):
         raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
                          "of THEORY §7 projects: drop --site/--adapter or set them so")
-    if args.steps is None:
-        args.steps = DEFAULT_STEPS[args.mode]
-    if min(args.steps, args.batch_size, args.log_every, args.n_train, args.n_eval, args.rank) <= 0 or min(args.warmup,
-            args.ortho_every, args.ckpt_every) < 0 or args.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError("--steps, --batch-size, --log-every, --n-train, --n-eval and --rank must be positive, --warmup, "
-                         "--ortho-every and --ckpt-every ≥ 0, and under torchrun --batch-size ≥ the number of "
-                         "processes")
-    if args.layers is not None:
-        try:
-            args.layers = [int(s) for s in args.layers.split(",")]
-        except ValueError:
-            raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
-    lrs = defaults["lr"]
-    weights_lr = DEFAULT_LR["pretrain"] if args.mode == "pretrain" else lrs["full"]
-    uses_shifts = args.mode in ("activation", "joint")
-    args.lr = (lrs["shift"] if uses_shifts else weights_lr) if args.lr is None else args.lr
-    args.lora_lr = lrs["lora"] if args.lora_lr is None else args.lora_lr
-    if args.lr <= 0 or args.lora_lr <= 0 or args.lora_alpha is not None and args.lora_alpha <= 0:
-        raise ValueError("--lr, --lora-lr and --lora-alpha must be positive")
-    if args.out_dir is None:
-        args.out_dir = os.path.dirname(BASE_CHECKPOINT) if args.mode == "pretrain" else os.path.join("out", f"{args.mode}-{args.task}")
-    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume.pt")):
-        raise ValueError(f"--resume: there is no {os.path.join(args.out_dir, 'resume.pt')}; start the run without --resume")
-    if args.mode != "pretrain" and not os.path.exists(args.init) and args.init != BASE_CHECKPOINT \
-            and args.init not in checkpoints.NAMES:
-        raise ValueError(f"--init {args.init} does not exist: give a checkpoint file, a Hugging Face "
+
+
+def check_numbers(config):
+    """Counts and rates in their ranges (also NaN and infinity, which every comparison rejects)."""
+    if config.lora_rank < 0 or (config.mode == "joint" and config.lora_rank == 0):
+        raise ValueError(f"--lora-rank {config.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
+                         "in weight mode)")
+    positive = dict(steps=config.steps, batch_size=config.batch_size, log_every=config.log_every,
+                    n_train=config.n_train, n_eval=config.n_eval, rank=config.rank)
+    at_least_zero = dict(warmup=config.warmup, ortho_every=config.ortho_every, ckpt_every=config.ckpt_every)
+    bad = [k for k, v in positive.items() if not v > 0] + [k for k, v in at_least_zero.items() if not v >= 0]
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} must be {'positive' if bad[0] in positive else '≥ 0'}, "
+                         f"got {getattr(config, bad[0])}")
+    if config.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
+        raise ValueError(f"under torchrun --batch-size ≥ the number of processes: got {config.batch_size} for "
+                         f"{os.environ['WORLD_SIZE']} processes")
+    rates = dict(lr=config.lr, lora_lr=config.lora_lr, lora_alpha=1.0 if config.lora_alpha is None else config.lora_alpha)
+    bad = [k for k, v in rates.items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} must be positive and finite, got {getattr(config, bad[0])}")
+
+
+def check_files(config):
+    """Files to read exist, the output folder can be written, a resume file is there if asked for."""
+    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
+    if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
+        raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
+    if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != BASE_CHECKPOINT \
+            and config.init not in checkpoints.NAMES:
+        raise ValueError(f"--init {config.init} does not exist: give a checkpoint file, a Hugging Face "
                          f"directory, a .gguf file, {checkpoints.SMOLLM2} or a gpt2 name")
-    return args
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name} is not available on this machine: use --device cpu")
-    return name
-
-# ---------------------------------------------------------------------------------------------
-# several processes (torchrun, PyTorch's DDP) and resumable runs (resume.pt in --out-dir)
-
-
-def init_distributed(device):
-    """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: NCCL on CUDA,
-    one GPU per process, gloo on CPU. -> (rank, number of processes); alone (0, 1)."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))     # from now on "cuda" is this process's GPU
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def save_resume(path, args, step, losses, model, optimizer, batches):
-    """Everything the loop needs to go on from `step` as if never stopped, written atomically."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    torch.save(dict(args=vars(args), step=step, losses=losses, optimizer=optimizer.state_dict(),
-                    tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                    batches=batches.get_state(), torch_rng=torch.get_rng_state()), path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_resume(path, args, model, optimizer, batches):
-    """Restore what save_resume wrote, if from a run with these arguments. -> (steps done, their losses)"""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_args = state["args"]
-    except Exception as e:  # truncated, another kind of file: one line for the user
-        raise ValueError(f"{path} is not a resume file of train.py ({type(e).__name__}): start without --resume") from None
-    free = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
-    for key, value in vars(args).items():
-        if key not in free and saved_args.get(key) != value:
-            raise ValueError(f"{path} comes from a run with {key}={saved_args.get(key)!r}, not {value!r}: "
-                             "resume with that run's arguments, or choose another --out-dir")
-    model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
-    optimizer.load_state_dict(state["optimizer"])
-    batches.set_state(state["batches"])
-    torch.set_rng_state(state["torch_rng"])    # dropout draws from it (on CUDA from the GPU's, not saved)
-    return state["step"], state["losses"]
+    if config.data is not None and not os.path.isfile(config.data):
+        raise ValueError(f"--data {config.data} is not a file: give a JSONL file of prompt/completion lines")
 
 # ---------------------------------------------------------------------------------------------
 # building the model to train
 
 
-def build_model(args, device, model=None):
+def build_model(config, device, model=None):
     """The model (loaded from --init unless given), with exactly the tensors that this mode
     trains left trainable."""
-    torch.manual_seed(args.seed)
-    if args.mode == "pretrain":
+    torch.manual_seed(config.seed)
+    if config.mode == "pretrain":
         return GPT(GPTConfig()).to(device)
-    model = (checkpoints.load(args.init)[0] if model is None else model).to(device).train()
-    if args.mode == "weight" and args.lora_rank == 0:
+    model = (checkpoints.load(config.init)[0] if model is None else model).to(device).train()
+    if config.mode == "weight" and config.lora_rank == 0:
         return model                                        # full fine-tuning: everything trains
     nanosteer.freeze(model)
-    if args.mode in ("weight", "joint"):
-        nanosteer.lora(model, args.lora_rank, args.lora_alpha, layers=args.layers)
-    if args.mode in ("activation", "joint"):
-        nanosteer.steer(model, args.site, args.adapter, args.rank, args.layers, args.act)
+    if config.mode in ("weight", "joint"):
+        nanosteer.lora(model, config.lora_rank, config.lora_alpha, layers=config.layers)
+    if config.mode in ("activation", "joint"):
+        nanosteer.steer(model, config.site, config.adapter, config.rank, config.layers, config.act)
     return model
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, config):
     """AdamW with one parameter group per kind of trainable tensor, each with its own lr."""
     lora = {id(p) for m in model.modules() if isinstance(m, nanosteer.LoRALinear) for p in (m.lora_A, m.lora_B)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in trainable if (id(p) in lora) == is_lora], lr=lr, peak_lr=lr)  # peak: see lr_factor
-              for is_lora, lr in ((False, args.lr), (True, args.lora_lr))]
+    shifts_and_weights = [p for p in trainable if id(p) not in lora]
+    lora_factors = [p for p in trainable if id(p) in lora]
+    groups = [dict(params=shifts_and_weights, lr=config.lr, peak_lr=config.lr),   # peak: see lr_factor
+              dict(params=lora_factors, lr=config.lora_lr, peak_lr=config.lora_lr)]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
 
@@ -241,128 +227,165 @@ def lr_factor(step, steps, warmup=50):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 # ---------------------------------------------------------------------------------------------
-# training and evaluation
+# the training loop, and scoring
+
+
+def train_steps(config, proc, model, optimizer, train_x, train_y, batches, start=0, losses=()):
+    """The loop: batch, loss, backward, step, constraint, log. proc holds this process's device,
+    rank and number of processes (world), the model to call (maybe DDP-wrapped), the autocast and
+    Ctrl-C. -> the training loss of every step."""
+    losses, t0 = list(losses), time.time()
+    for step in range(start, config.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * lr_factor(step, config.steps, config.warmup)
+        rows = torch.randint(len(train_x), (config.batch_size,), generator=batches)  # the global batch
+        mine = rows[proc.rank::proc.world]                                   # this process's share of it
+        with proc.autocast:
+            _, loss = proc.trainer(train_x[mine].to(proc.device), train_y[mine].to(proc.device))
+        # this share's mean token loss, rescaled: DDP's average over processes is then the batch's mean
+        loss = loss * ((train_y[mine] != -1).sum().item() * proc.world / (train_y[rows] != -1).sum().item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if config.mode == "joint" and config.ortho_every and (step + 1) % config.ortho_every == 0:
+            nanosteer.orthogonalize(model)                      # THEORY §7; the same on every process
+        losses.append(runtime.mean_over_processes(loss.detach(), proc.world))
+        runtime.check_finite(losses, step)
+        stop = proc.ctrl_c.pressed()
+        if stop or config.ckpt_every and (step + 1) % config.ckpt_every == 0:
+            write_resume(config, proc, step, losses, model, optimizer, batches, stop)
+        if stop:
+            raise KeyboardInterrupt
+        if proc.rank == 0 and (step % config.log_every == 0 or step == config.steps - 1):
+            per_step = (time.time() - t0) / (step + 1 - start)
+            print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
+                  f"{1000 * per_step:4.0f} ms | {config.batch_size * train_x.shape[1] / per_step:6.0f} tok/s "
+                  f"| eta {per_step * (config.steps - step - 1):4.0f} s")      # tok/s: padded rows
+    return losses
+
+
+def write_resume(config, proc, step, losses, model, optimizer, batches, stopped):
+    """resume.pt after `step` (rank 0 writes it; every process holds the same tensors)."""
+    if proc.rank != 0:
+        return
+    path = os.path.join(config.out_dir, "resume.pt")
+    runtime.save_resume(path, config, step + 1, losses, model, optimizer, batches)
+    print(f"wrote {path} after step {step}" + ("; stopped (Ctrl-C): the same command with --resume goes on"
+                                                if stopped else ""))
 
 
 @torch.no_grad()
-def evaluate(model, x, y, device, autocast, batch_size=50):
-    """Exact-match accuracy of greedy generation (see tasks.exact_match), one example per row."""
+def prompt_hits(model, x, y, device, autocast, batch_size=50):
+    """Per example (one a row): did greedy generation give exactly the completion? (tasks.exact_match)"""
     model.eval()
     hits = []
     for i in range(0, len(x), batch_size):
         with autocast:
             logits, _ = model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
-        hits.append(exact_match(logits, y[i:i + batch_size].to(device)))       # (the head at targets only)
+        hits.append(exact_match(logits, y[i:i + batch_size].to(device)).cpu())   # (the head at targets only)
     model.train()
-    return torch.cat(hits).float().mean().item()
+    return torch.cat(hits)
 
 
-def train(args):
-    device = pick_device(args.device)
-    rank, world = init_distributed(device)
-    splits = load_jsonl(args.data, args.seed) if args.data else make_splits(args.task, args.seed, args.n_train, args.n_eval)
-    if args.mode != "pretrain" and args.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
-        build_model(args, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
+def evaluate(model, x, y, device, autocast, batch_size=50):
+    """Exact-match accuracy of greedy generation, one example per row."""
+    return prompt_hits(model, x, y, device, autocast, batch_size).float().mean().item()
+
+# ---------------------------------------------------------------------------------------------
+# a whole run
+
+
+def train(config):
+    """Pretrain the built-in base first if this run adapts it and it is missing; then the run."""
+    if config.mode != "pretrain" and config.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
+        build_model(config, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
         print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")
-        train(resolve_args(parse_args(["--mode", "pretrain", "--device", args.device])))
-        if world > 1:
+        train_once(resolve_args(parse_args(["--mode", "pretrain", "--device", config.device])))
+        if dist.is_initialized():
             dist.barrier()                          # the others wait until rank 0 has written it
-        print(f"\nbase model ready; now {args.mode} adaptation on {args.task}")
-    base, enc = (None, byte_encoding()) if args.mode == "pretrain" else checkpoints.load(args.init)
-    model = build_model(args, device, base)
-    block = model.config.block_size
-    # val is for choosing hyperparameters (compare.py); test is what the accuracies report
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pack(splits[s], enc, block) for s in ("train", "val", "test"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-    runner = torch.compile(model) if args.compile else model  # save `model`, the uncompiled one
-    trainer = DDP(runner) if world > 1 else runner            # DDP averages the gradients over processes
-    optimizer = make_optimizer(model, args)
+        print(f"\nbase model ready; now {config.mode} adaptation on {config.task}")
+    return train_once(config)
+
+
+def train_once(config):
+    """Load, train, score on val and test, write the run's files. -> results (rank 0; else None)"""
+    device = pick_device(config.device)
+    rank, world = runtime.init_distributed(device)
+    splits = load_jsonl(config.data, config.seed) if config.data else \
+        make_splits(config.task, config.seed, config.n_train, config.n_eval)
+    base, enc = (None, byte_encoding()) if config.mode == "pretrain" else checkpoints.load(config.init)
+    model = build_model(config, device, base)
+    # val is for choosing hyperparameters (tools/compare.py); test is what the accuracies report
+    train_x, train_y = pack(splits["train"], enc, model.config.block_size)
+    dtype = runtime.pick_dtype(config.dtype, device, enc.name != byte_encoding().name)
+    runner = torch.compile(model) if config.compile else model  # save `model`, the uncompiled one
+    proc = argparse.Namespace(device=device, rank=rank, world=world, autocast=runtime.autocast(device, dtype),
+                              trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world))
+    optimizer = make_optimizer(model, config)
     params = nanosteer.report(model)
     if rank == 0:                                  # (before --resume loads the trained tensors)
-        base_accuracy = evaluate(runner, test_x, test_y, device, autocast)
-        print(f"{args.mode} on {args.task}: {len(train_x)} training rows, {args.steps} steps, device {device}"
-              f"{f' x {world} processes' if world > 1 else ''}, trainable {params['trainable']:,} of "
+        test_x, test_y = pack(splits["test"], enc, model.config.block_size)
+        base_accuracy = evaluate(runner, test_x, test_y, device, proc.autocast)
+        print(f"{config.mode} on {config.task}: {len(train_x)} training rows, {config.steps} steps, device {device}"
+              f"{f' x {world} processes' if world > 1 else ''}, {dtype}, trainable {params['trainable']:,} of "
               f"{params['base_params']:,} ({params['pct']:.2f}%), accuracy before {base_accuracy:.1%}")
-    batches = torch.Generator().manual_seed(args.seed)
-    resume_path = os.path.join(args.out_dir, "resume.pt")
-    start, losses = load_resume(resume_path, args, model, optimizer, batches) if args.resume else (0, [])
+    batches = torch.Generator().manual_seed(config.seed)
+    start, losses = 0, []
+    if config.resume:
+        resume_path = os.path.join(config.out_dir, "resume.pt")
+        start, losses = runtime.load_resume(resume_path, config, model, optimizer, batches)
     t0 = time.time()
-    ctrl_c = []       # Ctrl-C only lands here, and the loop stops after the step: half a step cannot be resumed
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: ctrl_c.append(signum))
-    try:
-        for step in range(start, args.steps):
-            for g in optimizer.param_groups:
-                g["lr"] = g["peak_lr"] * lr_factor(step, args.steps, args.warmup)
-            rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)  # the global batch
-            mine = rows[rank::world]                                # this process's share of it
-            with autocast:
-                _, loss = trainer(train_x[mine].to(device), train_y[mine].to(device))
-            # this share's mean token loss, rescaled: DDP's average over processes is then the batch's mean
-            loss = loss * ((train_y[mine] != -1).sum().item() * world / (train_y[rows] != -1).sum().item())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if args.mode == "joint" and args.ortho_every and (step + 1) % args.ortho_every == 0:
-                nanosteer.orthogonalize(model)                      # the same on every process
-            summed = all_reduce(loss.detach()) if world > 1 else loss.detach()   # world × the batch's mean
-            losses.append(summed.item() / world)
-            if rank == 0 and (ctrl_c or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
-                save_resume(resume_path, args, step + 1, losses, model, optimizer, batches)
-                stopped = "; stopped (Ctrl-C): the same command with --resume goes on" if ctrl_c else ""
-                print(f"wrote {resume_path} after step {step}{stopped}")
-            if ctrl_c:
-                raise KeyboardInterrupt
-            if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-                per_step = (time.time() - t0) / (step + 1 - start)
-                tokens_per_s = args.batch_size * train_x.shape[1] / per_step                 # padded rows
-                print(f"step {step:5d} | loss {losses[-1]:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | {1000 * per_step:4.0f} "
-                      f"ms | {tokens_per_s:6.0f} tok/s | eta {per_step * (args.steps - step - 1):4.0f} s")
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
+    with proc.ctrl_c:
+        losses = train_steps(config, proc, model, optimizer, train_x, train_y, batches, start, losses)
     train_seconds = time.time() - t0
     if rank != 0:
-        return None                                                 # rank 0 evaluates and writes
-    accuracy = evaluate(runner, test_x, test_y, device, autocast)
-    val_accuracy = evaluate(runner, val_x, val_y, device, autocast)
-
-    steers = args.mode in ("activation", "joint")                 # fields that do not apply are null
-    results = dict(mode=args.mode, task=args.task, site=args.site if steers else None,
-                   adapter=args.adapter if steers else None, rank=args.rank if steers else None,
-                   lora_rank=args.lora_rank, seed=args.seed, accuracy=accuracy, base_accuracy=base_accuracy,
-                   val_accuracy=val_accuracy, trainable_params=params["trainable"],
-                   total_params=params["base_params"], trainable_pct=params["pct"], train_seconds=train_seconds,
-                   steps=args.steps, device=device, processes=world, init=None if args.mode == "pretrain" else args.init,
+        return None                                                 # rank 0 scores and writes
+    hits = {s: prompt_hits(runner, *pack(splits[s], enc, model.config.block_size), device, proc.autocast)
+            for s in ("test", "val")}
+    steers = config.mode in ("activation", "joint")                 # fields that do not apply are null
+    results = dict(mode=config.mode, task=config.task, site=config.site if steers else None,
+                   adapter=config.adapter if steers else None, rank=config.rank if steers else None,
+                   lora_rank=config.lora_rank, seed=config.seed, accuracy=hits["test"].float().mean().item(),
+                   base_accuracy=base_accuracy, val_accuracy=hits["val"].float().mean().item(),
+                   trainable_params=params["trainable"], total_params=params["base_params"],
+                   trainable_pct=params["pct"], train_seconds=train_seconds, steps=config.steps, device=device,
+                   dtype=dtype, processes=world, init=None if config.mode == "pretrain" else config.init,
                    losses=losses)                                 # the training loss of every step
-    write_outputs(model, enc, args, results, losses)
-    print(f"\n{args.task} | {args.mode} | accuracy {base_accuracy:.1%} -> {accuracy:.1%} | trainable "
+    write_outputs(model, enc, config, results, hits)
+    print(f"\n{config.task} | {config.mode} | accuracy {base_accuracy:.1%} -> {results['accuracy']:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")
-    print(f"wrote {args.out_dir}/results.json, loss.png and {'model.pt' if save_full(args) else 'adapters.pt'}")
+    print(f"wrote {config.out_dir}/results.json, outcomes.json, loss.png and "
+          f"{'model.pt' if saves_whole_model(config) else 'adapters.pt'}")
     return results
 
 
-def save_full(args):
-    return args.mode == "pretrain" or (args.mode == "weight" and args.lora_rank == 0)
+def saves_whole_model(config):
+    return config.mode == "pretrain" or (config.mode == "weight" and config.lora_rank == 0)
 
 
-def write_outputs(model, enc, args, results, losses):
-    """Each file is written to a temporary name first and then renamed over the old one."""
+def write_outputs(model, enc, config, results, hits):
+    """The run's files, written together (model.write_files): a failure leaves the old ones whole."""
     from matplotlib.figure import Figure   # draws to a file without touching pyplot's backend (notebooks)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if save_full(args):
-        model.save(os.path.join(args.out_dir, "model.pt"), tokenizer=enc.name)  # checkpoints.load reads it
-    else:
-        nanosteer.save(model, os.path.join(args.out_dir, "adapters.pt"))
-    path = os.path.join(args.out_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
     fig = Figure(figsize=(6, 3.5), layout="tight")
     ax = fig.subplots()
-    ax.plot(losses, lw=0.8)
+    ax.plot(results["losses"], lw=0.8)
     ax.set(xlabel="step", ylabel="loss (completion tokens)", yscale="log",
-           title=f"{args.mode} on {args.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
-    fig.savefig(os.path.join(args.out_dir, "loss.tmp.png"), dpi=100)
-    os.replace(os.path.join(args.out_dir, "loss.tmp.png"), os.path.join(args.out_dir, "loss.png"))
+           title=f"{config.mode} on {config.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
+    # character i is "1" iff prompt i of the split (in make_splits' order) was answered exactly
+    outcomes = {s: "".join("1" if hit else "0" for hit in hits[s].tolist()) for s in ("val", "test")}
+    files = {"results.json": lambda tmp: write_json(results, tmp),
+             "outcomes.json": lambda tmp: write_json(outcomes, tmp),
+             "loss.png": lambda tmp: fig.savefig(tmp, dpi=100)}
+    if saves_whole_model(config):
+        files["model.pt"] = lambda tmp: model.save(tmp, tokenizer=enc.name)   # checkpoints.load reads it
+    else:
+        files["adapters.pt"] = lambda tmp: nanosteer.save(model, tmp)
+    write_files(config.out_dir, files)
+
+
+def write_json(value, path):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
 
 
 def main(argv=None):

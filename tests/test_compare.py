@@ -1,25 +1,31 @@
 """
 Tests of compare.py: the --quick comparison, run as a user runs it on a tiny throwaway base model
 (and on SmolLM2-135M when it is installed), writes a table with one row per method and sane numbers
-(parameter counts worked out by hand), a chart and results.json; the learning-rate selection, with
-train.py replaced by a stub whose numbers the test chooses, picks what it should; the table's
-mean ± std agrees with an independent computation; bad arguments are a one-line error.
+(parameter counts worked out by hand), a chart, results.json and the claims; Ctrl-C stops it with
+one line and the next start goes on. With train.py's training replaced by a stub whose numbers the
+test chooses (and which counts its calls): every method sweeps its own rate and the selection picks
+what it should; a finished run is never redone; train.log is kept; another configuration is
+refused unless --force; bad arguments are one line that changes nothing; default folders differ
+per checkpoint. The table's mean ± std agrees with an independent computation.
 
-Run:  python -m pytest tests/test_compare.py -q
+Run:  python -m pytest tests/test_compare.py -q          (add -m "not slow" for the fast ones)
 """
 import hashlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tools import compare
-from conftest import ROOT, run_script
+from tools import compare, stats
+from conftest import ENV, ROOT, run_script
 from test_checkpoints import needs_smollm2
-from model import GPT
+from model import GPT, write_files
 
 
 def python(*args):
@@ -49,11 +55,15 @@ def quick(tmp_path_factory):
 
 
 def table_rows(path):
-    """{row label: [cells]} of the markdown table in results.md."""
+    """{row label: [cells]} of the first markdown table in results.md (the claims follow it)."""
     rows = {}
     for line in open(path, encoding="utf-8"):
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] not in ("method", "---"):
+        if cells[0] not in ("method", "---"):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -64,7 +74,7 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
     rows = table_rows(quick["out"] / "results.md")
     assert sorted(rows) == sorted(compare.LABEL.values())             # every method, and 2 baselines
     for baseline in ("majority", "base"):
-        assert rows[compare.LABEL[baseline]][2:] == ["0", "0.000", "0.0", "–"]
+        assert rows[compare.LABEL[baseline]][2:] == ["1", "0", "0.000", "0.0", "–"]
     assert rows[compare.LABEL["majority"]][0] == "65.0 ± 0.0"         # "no": 65 of boolq's 100 test answers
     config = GPT.from_pretrained(str(quick["base"])).config
     d, L = config.n_embd, config.n_layer
@@ -74,11 +84,11 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
     expected_params["joint"] = expected_params["joint_no_ortho"] = expected_params["lora"] + L * 2 * d * 4
     pct = {}
     for name, (_, label, _) in compare.METHODS.items():
-        boolq, average, params, pct[name], seconds, lr = rows[label]   # quick runs boolq only
+        boolq, average, seeds, params, pct[name], seconds, lr = rows[label]   # quick: boolq only
         for cell in (boolq, average):
             mean, std = map(float, cell.split(" ± "))
             assert 0.0 <= mean <= 100.0 and std == 0.0               # one seed: no spread
-        assert boolq == average
+        assert boolq == average and seeds == "1"
         params, pct[name] = int(params.replace(",", "")), float(pct[name])
         assert params == expected_params.get(name, L * 2 * d * 4)    # the other shifts: linear, rank 4
         assert 0.0 < pct[name] <= 100.0 and float(seconds) > 0.0
@@ -90,13 +100,15 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
 @pytest.mark.slow
 def test_quick_comparison_writes_results_chart_and_progress(quick):
     results = json.load(open(quick["out"] / "results.json"))
-    runs = results["runs"]
+    runs, budget = results["runs"], dict(zip(compare.BUDGET_KEYS, compare.BUDGETS["nano-quick"]))
+    assert results["config"] == {**results["config"], **budget, "tasks": ["boolq"],
+                                 "seeded": list(budget["seeded"])}             # the budget, as run
     assert sorted(r["method"] for r in runs) == sorted(compare.METHODS)   # each method once: 1 task, 1 seed
     for r in runs:
         assert r["phase"] == "final" and r["task"] == "boolq" and r["seed"] == 0
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
-        assert r["steps"] == compare.BUDGETS["nano-quick"]["steps"]         # one budget for every method
-        assert r["argv"][r["argv"].index("--batch-size") + 1] == str(compare.BUDGETS["nano-quick"]["batch_size"])
+        assert r["steps"] == budget["steps"]                                # one budget for every method
+        assert r["argv"][r["argv"].index("--batch-size") + 1] == str(budget["batch_size"])
         assert r["trainable_pct"] == pytest.approx(100.0 * r["trainable_params"] / r["total_params"])
     lrs = {r["method"]: r["lrs"] for r in runs}                             # --quick: train.py's default lrs
     assert lrs["full"] == {"--lr": 1e-3} and lrs["lora"] == {"--lora-lr": 3e-3}
@@ -105,6 +117,15 @@ def test_quick_comparison_writes_results_chart_and_progress(quick):
     assert (quick["out"] / "train.log").stat().st_size > 0
     progress = re.findall(r"^run +\d+/10 \|.*\| eta +\S+ min$", quick["stdout"], flags=re.M)
     assert len(progress) == 10
+    assert (quick["out"] / "progress.log").read_text().splitlines() == progress
+    outcomes = json.load(open(quick["out"] / "outcomes.json"))     # each final run's, prompt by prompt
+    assert sorted(outcomes) == sorted(f"boolq/{name}/seed0" for name in compare.METHODS)
+    for r in runs:
+        test = outcomes[f"boolq/{r['method']}/seed0"]
+        assert len(test) == 100 and test.count("1") == round(100 * r["accuracy"])
+    claims = (quick["out"] / "results.md").read_text()
+    for claim in (stats.BLOCK_VS_FULL, stats.BLOCK_VS_SITES, stats.JOINT_VS_PARTS):
+        assert re.search(rf"^- {claim}: \*\*(holds|does not hold|cannot tell)\*\*$", claims, re.M)
 
 
 @pytest.mark.slow
@@ -113,11 +134,11 @@ def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
     proc = python("tools/compare.py", "--quick", "--init", "smollm2-135m", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results, rows = json.load(open(tmp_path / "results.json")), table_rows(tmp_path / "results.md")
-    assert results["name"] == "lm-quick" and sorted(rows) == sorted(compare.LABEL.values())
+    assert results["config"]["budget"] == "lm-quick" and sorted(rows) == sorted(compare.LABEL.values())
     params = {r["method"]: r["trainable_params"] for r in results["runs"]}
     L, d, r = 30, 576, 8                                          # rank 8 at every layer (THEORY §9)
     assert params["linear_block_out"] == params["linear_mlp_out"] == 2 * d * r * L == 276_480
-    assert rows[compare.LABEL["linear_block_out"]][3] == "0.206"   # % of 134,515,008
+    assert rows[compare.LABEL["linear_block_out"]][4] == "0.206"   # % of 134,515,008
     assert params["vector_block_out"] == d * L and params["full"] == 134_515_008
     # LoRA on c_attn (576 -> 576 + 2 * 192: q, k, v fused), attention's c_proj, c_gate, c_fc, c_proj
     assert params["lora"] == L * r * ((d + 960) + 2 * d + 3 * (d + 1536))
@@ -140,19 +161,45 @@ def test_same_seed_same_table(quick, tmp_path):
     assert len({accuracy for _, accuracy, _, _ in numbers[0]}) >= 3      # not all 0: a table worth comparing
 
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path):
+    cmd = [sys.executable, "tools/compare.py", "--quick", "--init", str(quick["base"]), "--out-dir",
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:                  # Ctrl-C once two runs have finished
+        if line.startswith("run   2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == ["compare.py: stopped (Ctrl-C): run the same command to go on"]
+    finished = [d for d in (tmp_path / "runs").iterdir() if (d / "argv.json").exists()]
+    assert len(finished) >= 2 and not (tmp_path / "results.md").exists()
+    again = python(*cmd[1:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("| done before") == len(finished)       # not trained again
+    assert (tmp_path / "train.log").read_text().count("$ python train.py") == 10   # once each
+
+
 def test_table_mean_and_std_match_an_independent_computation():
     tasks, seeds = ["listops", "boolq"], [0, 1, 2]
     acc = torch.rand(len(compare.METHODS), len(tasks), len(seeds), generator=torch.Generator().manual_seed(0))
     finals = [dict(method=name, task=t, seed=s, accuracy=acc[m, i, s].item(), trainable_params=10 * m + 1,
-                   trainable_pct=float(m), train_seconds=1.0 + s)
+                   trainable_pct=float(m), train_seconds=1.0 + s, base_accuracy=0.25 * s)
               for m, name in enumerate(compare.METHODS) for i, t in enumerate(tasks) for s in seeds]
-    rows = compare.summarize(finals, tasks, seeds, {})
+    majority = {(t, s): 0.5 for t in tasks for s in seeds}
+    rows = stats.summarize(finals, tasks, compare.METHODS, majority)
     for m, name in enumerate(compare.METHODS):
         for i, t in enumerate(tasks):
             assert rows[name][t] == pytest.approx((acc[m, i].mean().item(), acc[m, i].std().item()), abs=1e-6)
         per_seed = acc[m].mean(dim=0)                       # the average over tasks, seed by seed
         assert rows[name]["average"] == pytest.approx((per_seed.mean().item(), per_seed.std().item()), abs=1e-6)
-        assert (rows[name]["params"], rows[name]["seconds"]) == (10 * m + 1, 2.0)
+        assert (rows[name]["params"], rows[name]["seconds"], rows[name]["seeds"]) == (10 * m + 1, 2.0, 3)
+    assert rows["base"]["listops"] == pytest.approx((0.25, 0.25))      # 0, 0.25, 0.5: std 0.25
+    assert rows["majority"]["average"] == (0.5, 0.0)
 
 
 def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test():
@@ -160,48 +207,106 @@ def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test()
     assert compare.majority_baseline(splits) == ("no", pytest.approx(1 / 3))   # test's commonest would score 2/3
 
 
-def test_bad_arguments_are_a_one_line_error():
-    proc = python("tools/compare.py", "--quick", "--tasks", "sudoku")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["compare.py: error: --tasks takes listops, arith, boolq; --seeds, "
-                                                "--steps, --batch-size, --n-eval must be positive"]
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under folder: to prove a refusal changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_arguments_are_one_line_and_change_nothing(tmp_path, tiny_base):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "train.log").write_text("an earlier comparison's log\n" * 300)
+    (tmp_path / "a_file").write_text("not a folder")
+    before = folder_bytes(out)
+    cases = {("--tasks", "sudoku"): "--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "
+                                    "--n-eval must be positive",
+             ("--steps", "0"): "--tasks takes listops",
+             ("--init", str(tmp_path / "typo.pt")): "does not exist",
+             ("--out-dir", str(tmp_path / "a_file")): "is a file: give a folder"}
+    for flags, message in cases.items():
+        argv = ["--init", str(tiny_base), "--quick", "--out-dir", str(out), *flags]
+        proc = python("tools/compare.py", *argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("compare.py: error: ") and message in lines[0]
+        assert folder_bytes(out) == before                            # the old log is untouched
+
+
+def test_default_output_folders_differ_per_checkpoint(tmp_path, tiny_base):
+    folders = set()
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "model.pt").write_bytes(tiny_base.read_bytes())
+        folders.add(compare.parse_args(["--init", str(tmp_path / sub / "model.pt")]).out_dir)
+    assert len(folders) == 2                  # both are model.pt: once the same out/compare-model
+    quick = compare.parse_args(["--init", str(tmp_path / "a" / "model.pt"), "--quick"]).out_dir
+    assert quick not in folders and quick.endswith("-a-model-nano-quick")
 
 
 # ---------------------------------------------------------------------------------------------
-# the learning-rate selection, with train.py replaced by a stub whose numbers the test chooses
+# the selection and the bookkeeping, with train.py's training replaced by a stub whose numbers
+# the test chooses: validation accuracy falls with the distance (in log10 lr) from the method's
+# PEAK (block_out: 0.5 at every lr, a tie, the lowest loss at 1e-2; unlisted methods: 1e-2)
 
-PEAK = {"full": 1e-3, "lora": 0.1, "linear_block_out": None, "vector_block_out": 1.0}  # others: their grid's middle
-
-
-def stub_run(args, name, task, seed, lrs, log):
-    """compare.run without training. Validation accuracy falls with the distance (in log lr) from
-    PEAK[name]; block_out scores 0.5 at every lr (a tie) with the lowest loss at 1e-2; the test
-    accuracy is the validation one minus 0.1 per seed, so each seed's run is told apart."""
-    lr = lrs.get("--lora-lr" if name == "lora" else "--lr")
-    peak = PEAK.get(name, compare.NANO_GRID[compare.METHODS[name][0]][1] if name in compare.LEAD.values() or
-                    compare.METHODS[name][0] == "shift" else lr)
-    val = 0.5 if peak is None else 0.9 - 0.1 * abs(torch.tensor(lr / peak).log10().item())
-    return dict(method=name, lrs=lrs, task=task, seed=seed, val_accuracy=val, accuracy=val - 0.1 * seed,
-                final_loss=1.0 + abs(torch.tensor(lr / 1e-2).log10().item()), base_accuracy=0.0,
-                trainable_params=1, trainable_pct=0.1, train_seconds=1.0)
+PEAK = {"full": 1e-3, "lora": 0.1, "linear_block_out": None, "vector_block_out": 1.0,
+        "linear_attn_out": 0.03, "joint": 3e-3}
 
 
-def stubbed(tmp_path, monkeypatch, *flags):
-    monkeypatch.setattr(compare, "run", stub_run)
-    args = compare.parse_args(["--init", str(tmp_path / "stub.pt"), "--tasks", "listops", "--seeds", "2",
-                               "--out-dir", str(tmp_path / "out"), *flags])
+class StubTrain:
+    """Stands in for train.train: writes what train.py writes (results.json, outcomes.json) from
+    chosen numbers, counts its calls, and can stop as Ctrl-C would on a given call."""
+
+    def __init__(self, interrupt_at=None, diverge_above=None):
+        self.calls, self.interrupt_at, self.diverge_above = [], interrupt_at, diverge_above
+
+    def __call__(self, config):
+        self.calls.append(os.path.basename(config.out_dir))
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        name = os.path.basename(config.out_dir).split("-")[1]     # <task>-<method>-lr...-seed<s>
+        lr = config.lora_lr if config.mode == "weight" and config.lora_rank > 0 else config.lr
+        if self.diverge_above is not None and lr > self.diverge_above:
+            raise ValueError(f"the loss is not finite at step 3 (lr {lr})")   # as train.py stops
+        peak = PEAK.get(name, 1e-2)
+        val = 0.5 if peak is None else 0.9 - 0.1 * abs(torch.tensor(lr / peak).log10().item())
+        test = val - 0.1 * config.seed                          # each seed's run is told apart
+        n = config.n_eval
+        outcomes = {split: "1" * round(n * acc) + "0" * (n - round(n * acc))
+                    for split, acc in (("val", val), ("test", test))}
+        results = dict(mode=config.mode, task=config.task, seed=config.seed, steps=config.steps,
+                       accuracy=round(n * test) / n, val_accuracy=round(n * val) / n,
+                       base_accuracy=0.0, trainable_params=1, trainable_pct=0.1, train_seconds=1.0,
+                       losses=[1.0 + abs(torch.tensor(lr / 1e-2).log10().item())] * 20)
+        write_files(config.out_dir, {name: lambda path, text=json.dumps(value): open(path, "w").write(text)
+                                     for name, value in (("results.json", results),
+                                                         ("outcomes.json", outcomes))})
+        return results
+
+
+def stubbed(tmp_path, monkeypatch, tiny_base, *flags, interrupt_at=None, diverge_above=None):
+    """compare.main on tiny_base (its checks are train.py's real ones) with StubTrain.
+    -> (rows, results.json, results.md's table, the stub)"""
+    stub = StubTrain(interrupt_at, diverge_above)
+    monkeypatch.setattr(compare.train, "train", stub)
+    args = compare.parse_args(["--init", str(tiny_base), "--tasks", "listops", "--seeds", "2",
+                               "--n-eval", "100", "--out-dir", str(tmp_path / "out"), *flags])
     rows = compare.main(args)
-    return rows, json.load(open(tmp_path / "out" / "results.json")), table_rows(tmp_path / "out" / "results.md")
+    out = tmp_path / "out"
+    return rows, json.load(open(out / "results.json")), table_rows(out / "results.md"), stub
 
 
-def test_selection_best_validation_wins_ties_by_loss_edges_grow_and_joint_combines(tmp_path, monkeypatch):
-    rows, results, table = stubbed(tmp_path, monkeypatch)
+def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tmp_path, monkeypatch,
+                                                                              tiny_base):
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base)
     chosen = {name: lrs["listops"] for name, lrs in results["chosen_lrs"].items()}
-    assert chosen["full"] == {"--lr": 1e-3}                          # the best validation accuracy
-    assert chosen["linear_block_out"] == {"--lr": 1e-2}              # a tie: the lowest final loss
-    assert chosen["reft_mlp_out"] == {"--lr": 1e-2}
     tried = {name: [r["lrs"] for r in results["runs"] if r["method"] == name and r["seed"] == 0]
              for name in compare.METHODS}
+    assert chosen["full"] == {"--lr": 1e-3}                          # the best validation accuracy
+    assert chosen["linear_block_out"] == {"--lr": 1e-2}              # a tie: the lowest final loss
+    # every shift kind and site at its own rate: pre-MLP's best is at its grid's top, so its grid
+    # grew to 1e-1 (worse): 3e-2, where block_out's 1e-2 would have been borrowed before
+    assert [lrs["--lr"] for lrs in tried["linear_attn_out"]] == [3e-3, 1e-2, 3e-2, 0.1]
+    assert chosen["linear_attn_out"] == {"--lr": 3e-2} and chosen["reft_mlp_out"] == {"--lr": 1e-2}
     # LoRA's best was its grid's top (3e-2): the grid grew to 1e-1 (best again), then 3e-1 (worse)
     assert [lrs["--lora-lr"] for lrs in tried["lora"]] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
     assert chosen["lora"] == {"--lora-lr": 0.1}
@@ -209,26 +314,72 @@ def test_selection_best_validation_wins_ties_by_loss_edges_grow_and_joint_combin
     assert [lrs["--lr"] for lrs in tried["vector_block_out"]] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
     assert results["edges"] == [["vector_block_out", "listops"]]
     assert table[compare.LABEL["vector_block_out"]][-1] == "3e-01*"
-    assert len(tried["full"]) == 3 and len(tried["linear_block_out"]) == 3   # interior winners: no growth
-    # joint is not swept: block_out's shift lr and LoRA's lr, at both seeds
-    assert chosen["joint"] == chosen["joint_no_ortho"] == {"--lr": 1e-2, "--lora-lr": 0.1}
-    assert tried["joint"] == [chosen["joint"]]
+    # joint sweeps its two rates together, and grows downwards from its grid's bottom
+    assert tried["joint"] == [{"--lr": r, "--lora-lr": r} for r in (3e-3, 1e-2, 3e-2, 1e-3)]
+    assert chosen["joint"] == {"--lr": 3e-3, "--lora-lr": 3e-3}
+    assert chosen["joint_no_ortho"] == {"--lr": 1e-2, "--lora-lr": 1e-2}
     for name in compare.METHODS:
         finals = [r for r in results["runs"] if r["method"] == name and r["phase"] == "final"]
         assert sorted(r["seed"] for r in finals) == [0, 1] and all(r["lrs"] == chosen[name] for r in finals)
-        # the sweep's winning run is the seed-0 result (no second run at seed 0)
-        winner = stub_run(None, name, "listops", 0, chosen[name], None)
-        assert rows[name]["listops"][0] == pytest.approx(winner["accuracy"] - 0.05)   # mean over seeds 0, 1
-    assert len(results["runs"]) == 8 * 3 + 2 + 2 + 8 + 2 * 2             # grids, growth, seed 1, joint
+        assert rows[name]["listops"][0] == pytest.approx(finals[0]["accuracy"] - 0.05)   # seeds 0, 1
+    sweeps = 3 + 5 + 5 + 4 + 4 + 3 * 5              # full, lora, vector, joint, attn_out, the rest
+    assert len(results["runs"]) == len(stub.calls) == sweeps + 10    # + seed 1 of every method
     assert rows["base"]["listops"] == (0.0, 0.0) and 0.0 < rows["majority"]["listops"][0] < 0.2
 
 
-def test_family_sweep_tunes_the_leads_and_gives_block_outs_lr_to_the_other_shifts(tmp_path, monkeypatch):
-    rows, results, table = stubbed(tmp_path, monkeypatch, "--sweep", "family")
-    swept = {r["method"] for r in results["runs"] if r["phase"] == "sweep" or r["lrs"] != results["chosen_lrs"]
-             [r["method"]]["listops"]}
-    assert swept <= {"full", "lora", "linear_block_out"} and {"full", "lora"} <= swept
-    for name in compare.METHODS:
-        if compare.METHODS[name][0] == "shift":
-            assert results["chosen_lrs"][name]["listops"] == {"--lr": 1e-2}
-    assert results["chosen_lrs"]["joint"]["listops"] == {"--lr": 1e-2, "--lora-lr": 0.1}
+def test_a_finished_run_is_not_redone_and_the_log_is_appended(tmp_path, monkeypatch, tiny_base):
+    first = stubbed(tmp_path, monkeypatch, tiny_base)
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert log.count("$ python train.py") == len(first[3].calls) == 46
+    again = stubbed(tmp_path, monkeypatch, tiny_base)
+    assert again[3].calls == []                                       # every run read back
+    assert again[0] == first[0] and again[2] == first[2]             # the same table
+    assert all(r.pop("reused") for r in again[1]["runs"]) and not any(r.pop("reused") for r in first[1]["runs"])
+    assert again[1] == first[1]                                       # and the same runs
+    assert (tmp_path / "out" / "train.log").read_text() == log        # kept, nothing to add
+    progress = (tmp_path / "out" / "progress.log").read_text().splitlines()
+    assert len(progress) == 2 * 46 and all(line.endswith("| done before") for line in progress[46:])
+    # a run whose folder lost its argv.json (it never finished) is the only one trained again
+    lost = next((tmp_path / "out" / "runs").glob("listops-full-lr1e-03-seed1"))
+    (lost / "argv.json").unlink()
+    assert stubbed(tmp_path, monkeypatch, tiny_base)[3].calls == [lost.name]
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_the_next_start_goes_on(tmp_path, monkeypatch, tiny_base):
+    with pytest.raises(KeyboardInterrupt):
+        stubbed(tmp_path, monkeypatch, tiny_base, interrupt_at=8)
+    assert not (tmp_path / "out" / "results.md").exists()               # no table of half the runs
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base)
+    assert len(stub.calls) == 46 - 7                                  # 7 runs had finished
+    assert len(results["runs"]) == 46 and sum(r["reused"] for r in results["runs"]) == 7
+
+
+def test_another_configuration_is_refused_unless_forced(tmp_path, monkeypatch, tiny_base):
+    stubbed(tmp_path, monkeypatch, tiny_base)
+    before = folder_bytes(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"holds the results of another configuration \(steps 250 "
+                                         r"there\): choose another, or --force"):
+        stubbed(tmp_path, monkeypatch, tiny_base, "--steps", "7")
+    assert folder_bytes(tmp_path / "out") == before
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base, "--steps", "7", "--force")
+    assert len(stub.calls) == 46 and results["config"]["steps"] == 7   # other arguments: redone
+
+
+def test_a_diverged_run_loses_its_sweep_and_stops_nothing_else(tmp_path, monkeypatch, tiny_base):
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base, diverge_above=0.2)
+    vector = [r for r in results["runs"] if r["method"] == "vector_block_out" and r["seed"] == 0]
+    assert [r["lrs"]["--lr"] for r in vector] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
+    assert "not finite" in vector[-1]["failed"] and "failed" not in vector[-2]
+    assert results["chosen_lrs"]["vector_block_out"]["listops"] == {"--lr": 0.1}   # not the edge now
+    assert results["edges"] == [] and len(stub.calls) == 46
+    assert "failed: the loss is not finite" in (tmp_path / "out" / "train.log").read_text()
+
+
+def test_a_method_that_fails_at_every_rate_stops_with_one_message(tmp_path, monkeypatch, tiny_base):
+    # full FT fails at its whole grid (3e-4 ..), but growing below its edge finds 1e-4, which trains;
+    # LoRA's grid grows down to 3e-4 and fails there too
+    with pytest.raises(ValueError, match=r"^lora on listops failed at every rate: the loss is not"):
+        stubbed(tmp_path, monkeypatch, tiny_base, diverge_above=1e-4)
+    full = [r for r in json.load(open(tmp_path / "out" / "runs" / "listops-full-lr1e-04-seed0" /
+                                      "results.json"))["losses"]]
+    assert full                                                    # trained, at the grown rate

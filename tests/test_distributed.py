@@ -53,3 +53,22 @@ def test_a_batch_smaller_than_the_number_of_processes_is_a_one_line_error(tiny_b
         train.resolve_args(args)
     assert "\n" not in str(e.value)
     train.resolve_args(train.parse_args(["--init", str(tiny_base), *JOINT, "--batch-size", "2"]))
+
+
+def press_ctrl_c_in_rank_1(rank, store_file, answers):
+    """One of two gloo processes: only rank 1 sees Ctrl-C; both ask CtrlC.pressed()."""
+    import torch.distributed as dist
+    import runtime
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    ctrl_c = runtime.CtrlC(world=2)
+    ctrl_c.seen = rank == 1
+    answers[rank] = ctrl_c.pressed()
+    dist.destroy_process_group()
+
+
+def test_ctrl_c_in_one_process_stops_every_process_after_the_same_step(tmp_path):
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        answers = manager.dict()
+        mp.spawn(press_ctrl_c_in_rank_1, args=(str(tmp_path / "store"), answers), nprocs=2)
+        assert dict(answers) == {0: True, 1: True}

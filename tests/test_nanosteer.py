@@ -561,3 +561,197 @@ def test_capture_keeps_the_last_forward_as_its_docstring_says():
     assert torch.equal(both["block_out"][1], only_second["block_out"][1])
     assert not torch.equal(both["block_out"][1], only_first["block_out"][1])
     assert "LAST forward" in capture.__doc__ and "during the forwards" not in capture.__doc__
+
+
+# ---------------------------------------------------------------------------------------------
+# misuse, as a student in a notebook: every argument checked before anything changes
+
+
+def snapshot(model):
+    """Everything a refused call must leave as it was: tensor names and values, adapters."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before):
+    after = model.state_dict()
+    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_steer_and_lora_check_every_layer_before_changing_any():
+    model = random_model(tiny_config())
+    steer(model, "block_out", "linear", layers=[1])
+    lora(model, 2, layers=[1])
+    before = snapshot(model)
+    one_line_error("layer 1 block_out already holds", steer, model, "block_out", "vector")
+    one_line_error("layer 1 attn.c_attn already has LoRA", lora, model, 2)
+    assert model.transformer.h[0].slots["block_out"].shift is None
+    assert not isinstance(model.transformer.h[0].attn.c_attn, LoRALinear)
+    assert unchanged(model, before)
+
+
+def test_a_typo_in_lora_targets_is_an_error_naming_the_valid_targets():
+    model = random_model(tiny_config())
+    with pytest.raises(ValueError, match="unknown LoRA target 'c_atn'.*attn.c_attn.*mlp.c_fc") as e:
+        lora(model, 2, targets=("c_atn",))
+    assert "\n" not in str(e.value) and nanosteer.adapter_parameters(model) == {}
+    one_line_error("unknown LoRA target 'c_gate'", lora, model, 2, targets=("c_gate",))  # GPT-2: no gate
+    assert len(lora(model, 2, targets="mlp.c_fc")) == 2                 # one name, as a string
+    assert len(lora(random_model(tiny_config(mlp="glu")), 2)) == 2 * 5  # default: every Linear
+
+
+WRONG = [
+    (lambda m: lora(m, 2, alpha=0), "LoRA alpha 0 must be a positive number"),
+    (lambda m: lora(m, 2, alpha=-1.0), "LoRA alpha -1.0 must be a positive number"),
+    (lambda m: lora(m, 2, alpha=float("nan")), "LoRA alpha nan"),
+    (lambda m: lora(m, 2, alpha=True), "LoRA alpha True"),
+    (lambda m: lora(m, 2.5), "LoRA rank 2.5 is out of range"),
+    (lambda m: lora(m, True), "LoRA rank True is out of range"),
+    (lambda m: lora(m, "2"), "LoRA rank '2' is out of range"),
+    (lambda m: lora(m, 2, targets=3), "LoRA targets must be a list"),
+    (lambda m: steer(m, "block_out", "linear", rank=2.5), "rank 2.5 is out of range"),
+    (lambda m: steer(m, "block_out", "linear", rank=True), "rank True is out of range"),
+    (lambda m: steer(m, "block_out", "linear", layers="0,1"), "layers must be an int or a list of ints"),
+    (lambda m: steer(m, "block_out", "linear", layers=[0, 0]), "name a layer twice"),
+    (lambda m: steer(m, "block_out", "linear", layers=[0.0]), "layers must be an int or a list"),
+    (lambda m: steer(m, ["block_out"], "linear"), "unknown site"),
+    (lambda m: lora(m, 2, layers="1"), "layers must be an int or a list of ints"),
+]
+
+
+@pytest.mark.parametrize("call,match", WRONG, ids=[f"{i}:{match}" for i, (_, match) in enumerate(WRONG)])
+def test_wrong_values_and_types_are_one_line_value_errors_that_change_nothing(call, match):
+    model = random_model(tiny_config())
+    before = snapshot(model)
+    one_line_error(match, call, model)
+    assert unchanged(model, before)
+
+
+def test_save_makes_missing_folders_and_refuses_a_folder_or_a_file_in_the_way(tmp_path):
+    model = random_model(tiny_config())
+    steer(model, "block_out", "vector")
+    path = tmp_path / "new" / "deeper" / "adapters.pt"
+    nanosteer.save(model, str(path))
+    assert nanosteer.adapter_parameters(nanosteer.load(random_model(tiny_config()), str(path)))
+    assert os.listdir(path.parent) == ["adapters.pt"]                    # no temporary file left
+    one_line_error(r"cannot write .*new \(Is a directory", nanosteer.save, model, str(tmp_path / "new"))
+    one_line_error(r"cannot write .*x.pt \(File exists: .*adapters.pt\)", nanosteer.save, model,
+                   str(path / "x.pt"))                                   # a file where a folder is wanted
+    assert os.listdir(path.parent) == ["adapters.pt"]                    # nothing left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter files checked as a whole before anything changes
+
+
+def saved_adapters(tmp_path, edit=None):
+    """A model with two kinds of adapters saved to a file; edit(payload) damages it first.
+    -> (path, a fresh model of the same base)."""
+    config = tiny_config()
+    model = random_model(config)
+    steer(model, "block_out", "linear", rank=2)
+    lora(model, 2, targets=("c_attn",), layers=[1])
+    path = str(tmp_path / "adapters.pt")
+    nanosteer.save(model, path)
+    if edit is not None:
+        payload = torch.load(path, weights_only=True)
+        edit(payload)
+        torch.save(payload, path)
+    return path, random_model(config)
+
+
+def drop(key):
+    return lambda payload: payload.pop(key)
+
+
+def set_tensor(key, value):
+    return lambda payload: payload["tensors"].__setitem__(key, value)
+
+
+U0 = "transformer.h.0.slots.block_out.shift.U"
+BROKEN = {
+    "no base_config": (drop("base_config"), "base_config is missing or malformed"),
+    "no tensors": (drop("tensors"), "tensors is missing or malformed"),
+    "no format": (drop("format"), "is not a nanosteer adapter file"),
+    "missing tensor": (lambda p: p["tensors"].pop(U0), f"{U0} is missing"),
+    "extra tensor": (set_tensor("transformer.h.0.evil", torch.zeros(2)), "transformer.h.0.evil is not expected"),
+    "wrong shape": (set_tensor(U0, torch.zeros(32, 3)), r"must be a finite float tensor of shape \(32, 2\)"),
+    "integer tensor": (set_tensor(U0, torch.zeros(32, 2, dtype=torch.long)), "must be a finite float"),
+    "not a tensor": (set_tensor(U0, [[0.0] * 2] * 32), "must be a finite float tensor"),
+    "NaN tensor": (set_tensor(U0, torch.full((32, 2), float("nan"))), "must be a finite float tensor"),
+    "unknown kind": (lambda p: p["adapters"][0].update(kind="bogus"), "unknown adapter kind 'bogus'"),
+    "entry without rank": (lambda p: p["adapters"][0].pop("rank"), "adapter 0 cannot be rebuilt"),
+    "entry not a dict": (lambda p: p["adapters"].__setitem__(0, "x"), "adapter 0 cannot be rebuilt"),
+    "layer out of range": (lambda p: p["adapters"][0].update(layer=7), r"layers \[7\] do not exist"),
+    "twice the same place": (lambda p: p["adapters"].append(dict(p["adapters"][0])), "two adapters for one place"),
+    "other config": (lambda p: p["base_config"].update(n_head=4), "n_head=4, this model has n_head=2"),
+    "config field lost": (lambda p: p["base_config"].pop("rope_theta"), "rope_theta=None"),
+    "older format": (lambda p: (p.update(format="nanosteer-adapters-1"), p.pop("base_fingerprint")),
+                     "other base weights"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_damaged_adapter_file_is_refused_in_one_line_and_the_model_is_untouched(tmp_path, name):
+    edit, match = BROKEN[name]
+    path, model = saved_adapters(tmp_path, edit)
+    before = snapshot(model)
+    one_line_error(match, nanosteer.load, model, path)
+    assert unchanged(model, before) and nanosteer.adapter_parameters(model) == {}
+
+
+def test_adapters_made_on_other_base_weights_are_refused_unless_asked(tmp_path):
+    path, same_base = saved_adapters(tmp_path)
+    other_base = random_model(tiny_config(), seed=5)             # same config, other weights
+    before = snapshot(other_base)
+    one_line_error("made on other base weights .* any_base=True", nanosteer.load, other_base, path)
+    assert unchanged(other_base, before)
+    nanosteer.load(other_base, path, any_base=True)             # asked for: loaded
+    assert len(nanosteer.adapter_parameters(other_base)) == 2 * 2 + 2   # D, U per layer; A, B
+    nanosteer.load(same_base.double(), path)                    # the same base in float64: the same
+    nanosteer.load(random_model(tiny_config()).to(torch.bfloat16), path)  # and in bfloat16
+
+
+def test_load_onto_a_model_that_already_holds_an_adapter_changes_nothing(tmp_path):
+    path, model = saved_adapters(tmp_path)
+    steer(model, "mlp_out", "vector", layers=[1])               # an adapter elsewhere
+    before = snapshot(model)
+    one_line_error("already holds adapters .*mlp_out", nanosteer.load, model, path)
+    assert unchanged(model, before)
+    assert model.transformer.h[0].slots["block_out"].shift is None
+
+
+class Hostile:
+    """Unpickling this would create the marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_hostile_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "adapters.pt"
+    torch.save({"format": nanosteer.FORMAT, "tensors": Hostile(str(marker))}, str(path))
+    one_line_error("is not a nanosteer adapter file", nanosteer.load, random_model(tiny_config()), str(path))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 models
+
+
+def test_reft_works_on_a_bfloat16_model_and_starts_as_a_no_op():
+    config = tiny_config()
+    model = random_model(config).to(torch.bfloat16)
+    idx = tokens(config)
+    before = logits_of(model, idx)
+    (shift,) = steer(model, "mlp_out", "reft", rank=3, layers=[0])
+    assert shift.R().dtype == torch.bfloat16 and shift.W.dtype == torch.bfloat16
+    assert torch.equal(logits_of(model, idx), before)                   # W = R: an exact no-op
+    R = shift.R().float()
+    assert (R @ R.T - torch.eye(3)).abs().max() < 1e-2                  # orthonormal to bf16 precision
+    loss = model(idx, idx)[1]
+    loss.backward()                                                     # the QR's gradient flows too
+    assert shift.R_free.grad is not None and shift.R_free.grad.dtype == torch.bfloat16

@@ -281,6 +281,20 @@ def test_load_jsonl_splits_every_example_once_with_its_line_number(tmp_path):
     assert load_jsonl(str(path), seed=1) != splits
 
 
+def test_load_jsonl_keeps_each_prompt_once_so_no_prompt_is_in_two_splits(tmp_path, capsys):
+    repeats = [json.dumps({"prompt": f"{i}+1=", "completion": "other"}) for i in (0, 3, 3, 7, 9)]
+    path = write_lines(tmp_path / "dups.jsonl", rows(10) + repeats)
+    splits = load_jsonl(str(path), seed=0)
+    prompts = {k: [p for p, _, _ in splits[k]] for k in ("train", "val", "test")}
+    everything = sum(prompts.values(), [])
+    assert len(everything) == len(set(everything)) == 10                  # each prompt once
+    assert {n for k in splits for _, _, n in splits[k]} == set(range(1, 11))  # the first line of each
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dropped 5 examples" in err and str(path) in err
+    load_jsonl(str(write_lines(tmp_path / "clean.jsonl", rows(10))), seed=0)
+    assert capsys.readouterr().err == ""                                  # no repeats: no warning
+
+
 def test_load_jsonl_three_examples_is_enough(tmp_path):
     splits = load_jsonl(str(write_lines(tmp_path / "three.jsonl", rows(3))), seed=0)
     assert [len(splits[k]) for k in ("train", "val", "test")] == [1, 1, 1]
@@ -291,6 +305,12 @@ def test_load_jsonl_missing_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist") as e:
         load_jsonl(str(path), seed=0)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_jsonl_given_a_folder_says_so(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give the JSONL file inside it") as e:
+        load_jsonl(str(tmp_path), seed=0)
+    assert "\n" not in str(e.value)
 
 
 BAD_LINES = ['{"prompt": "1+1=", "completion": "2"', '{"prompt": "1+1="}', '{"completion": "2"}',

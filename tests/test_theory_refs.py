@@ -1,6 +1,10 @@
 """
-Tests of the citations "THEORY §n" (and "THEORY.md §n, §m", "THEORY §3–§7") in the repo's Python
-files, README.md and notebooks: each cited section is a "## §n ..." heading of docs/THEORY.md.
+Tests of docs/THEORY.md against the rest of the repo:
+- every citation "THEORY §n" (and "THEORY.md §n, §m", "THEORY §3–§7") in the Python files, the
+  Markdown files and the notebooks (sources and outputs) names a "## §n ..." heading of THEORY.md;
+- every code name in the notation table's code column names something in the code;
+- one symbol, one row of the table; the paper, the blog and the official code linked;
+- the SmolLM2 numbers THEORY quotes are the ones results/smollm2/equivalence.log printed.
 
     python -m pytest tests/test_theory_refs.py
 """
@@ -9,6 +13,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+THEORY = ROOT / "docs" / "THEORY.md"
 # "THEORY §4", "THEORY.md §1, §3, §4", "THEORY §4–§5": the word, then a list of sections or ranges
 CITATION = re.compile(r"THEORY(?:\.md)?\s*(§\s*\d+(?:\s*[–-]\s*§?\s*\d+)?(?:\s*,\s*§\s*\d+"
                       r"(?:\s*[–-]\s*§?\s*\d+)?)*)")
@@ -30,14 +35,30 @@ def headings(theory_text):
     return {int(n): title for n, title in HEADING.findall(theory_text)}
 
 
+def notebook_text(path):
+    """A notebook's cell sources and its text outputs, one string."""
+    parts = []
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        parts.append("".join(cell["source"]))
+        for output in cell.get("outputs", []):
+            parts.append("".join(output.get("text", "")))
+            parts.append("".join(output.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def code_files(root=ROOT):
+    """The Python files of the repo: top level, tools/, notebooks/, docs/, tests/."""
+    globs = ("*.py", "tools/*.py", "notebooks/*.py", "docs/*.py", "tests/*.py")
+    return sorted(p for pattern in globs for p in root.glob(pattern) if p.is_file())
+
+
 def sources(root=ROOT):
-    """(path, text) of every file whose citations must resolve: *.py, README.md, notebooks."""
-    paths = [*root.glob("*.py"), *root.glob("tests/*.py"), *root.glob("docs/*.py"), root / "README.md"]
-    for path in sorted(p for p in paths if p.is_file()):
+    """(path, text) of every file whose citations must resolve: Python, Markdown, notebooks."""
+    markdown = [*root.glob("*.md"), *root.glob("docs/*.md")]
+    for path in sorted([*code_files(root), *markdown]):
         yield path, path.read_text(encoding="utf-8")
     for path in sorted(root.glob("notebooks/*.ipynb")):
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        yield path, "\n".join("".join(cell["source"]) for cell in cells)
+        yield path, notebook_text(path)
 
 
 def unresolved(theory_text, files):
@@ -46,20 +67,38 @@ def unresolved(theory_text, files):
     return [(path.name, n) for path, text in files for n in sorted(cited_sections(text) - set(have))]
 
 
+def notation_rows(theory_text):
+    """[(symbol, meaning, code, paper)] of the table between '## Notation' and the next heading."""
+    section = theory_text.split("## Notation", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in rows[1:]]
+    return [tuple(row) for row in cells if len(row) == 4]
+
+
+def code_names(code_cell):
+    """The names in backticks of a code cell, each split at dots: `mlp.c_fc` -> mlp, c_fc."""
+    return [part for name in re.findall(r"`([^`]+)`", code_cell) for part in name.split(".")]
+
+
+def missing_code_names(rows, code_text):
+    """[(symbol, name)] for each code name that occurs nowhere in code_text as a whole word."""
+    return [(symbol, name) for symbol, _, code, _ in rows for name in code_names(code)
+            if not re.search(rf"\b{re.escape(name)}\b", code_text)]
+
+
 def test_every_cited_section_has_a_heading_in_docs_theory():
-    theory = (ROOT / "docs" / "THEORY.md").read_text(encoding="utf-8")
+    theory = THEORY.read_text(encoding="utf-8")
     files = list(sources())
     assert sum(len(cited_sections(text)) for _, text in files) > 20    # the scan finds the citations
     assert unresolved(theory, files) == []
 
 
 def test_the_sections_are_numbered_one_to_nine_in_order_each_once():
-    theory = (ROOT / "docs" / "THEORY.md").read_text(encoding="utf-8")
-    assert [int(n) for n, _ in HEADING.findall(theory)] == list(range(1, 10))
+    assert [int(n) for n, _ in HEADING.findall(THEORY.read_text(encoding="utf-8"))] == list(range(1, 10))
 
 
 def test_each_section_is_about_what_the_code_cites_it_for():
-    titles = headings((ROOT / "docs" / "THEORY.md").read_text(encoding="utf-8"))
+    titles = headings(THEORY.read_text(encoding="utf-8"))
     topics = {1: "site", 2: "shift", 3: "weight update", 4: "first order", 5: "post-MLP",
               6: "oracle", 7: "joint", 8: "folding", 9: "paper"}
     for n, word in topics.items():
@@ -76,3 +115,59 @@ def test_a_missing_section_is_reported(tmp_path):
     (tmp_path / "a.py").write_text("# THEORY §4 and THEORY.md §2, §3\n")
     files = [(tmp_path / "a.py", (tmp_path / "a.py").read_text())]
     assert unresolved(theory, files) == [("a.py", 3)]
+
+
+def test_a_citation_in_a_notebook_output_is_found(tmp_path):
+    cell = {"cell_type": "code", "source": ["print(1)"],
+            "outputs": [{"output_type": "stream", "text": ["see THEORY " + "§12\n"]}]}  # (split:
+    # this file is scanned too, and has no §12)
+    (tmp_path / "n.ipynb").write_text(json.dumps({"cells": [cell]}))
+    assert cited_sections(notebook_text(tmp_path / "n.ipynb")) == {12}
+
+
+def test_the_notation_table_comes_first_and_is_full():
+    theory = THEORY.read_text(encoding="utf-8")
+    assert theory.index("## Notation") < theory.index("## §1")
+    rows = notation_rows(theory)
+    assert len(rows) > 30
+    assert all(symbol and meaning and code and paper for symbol, meaning, code, paper in rows)
+
+
+def test_every_code_name_in_the_notation_table_exists_in_the_code():
+    code = "\n".join(path.read_text(encoding="utf-8") for path in code_files())
+    rows = notation_rows(THEORY.read_text(encoding="utf-8"))
+    assert sum(len(code_names(code_cell)) for _, _, code_cell, _ in rows) > 30
+    assert missing_code_names(rows, code) == []
+
+
+def test_a_code_name_the_code_lacks_is_reported():
+    rows = [("W_fc", "up projection", "`mlp.c_fc`", "up_proj"), ("Q", "a query", "`c_q`", "q")]
+    assert missing_code_names(rows, "self.c_fc = nn.Linear(...)  # mlp") == [("Q", "c_q")]
+
+
+def test_one_symbol_one_row():
+    symbols = [s.strip() for row in notation_rows(THEORY.read_text(encoding="utf-8"))
+               for s in row[0].split(",")]
+    assert len(symbols) == len(set(symbols)), sorted(s for s in symbols if symbols.count(s) > 1)
+
+
+def test_the_paper_the_blog_and_the_official_code_are_linked_and_no_history_is_told():
+    theory = THEORY.read_text(encoding="utf-8")
+    for link in ("https://arxiv.org/abs/2603.00425", "https://github.com/SprocketLab/steerling",
+                 "https://sprocketlab.github.io/posts/2025/11/actvweight/"):
+        assert f"]({link}" in theory, link
+    assert not re.search(r"\brevision\b|\bissue \d+|earlier commit", theory, re.IGNORECASE)
+
+
+def test_the_smollm2_numbers_quoted_are_the_ones_equivalence_printed():
+    log = (ROOT / "results" / "smollm2" / "equivalence.log").read_text(encoding="utf-8")
+    shares = dict(re.findall(r"(attn_out|mlp_in|mlp_out|block_out) (\d\.\d+)", log))
+    oracle = re.search(r"oracle 90% energy in (\d+) directions \(base block output (\d+), noise (\d+)",
+                       log).groups()
+    theory = THEORY.read_text(encoding="utf-8")
+    row = next(line for line in theory.splitlines() if line.startswith("| SmolLM2, random"))
+    assert row.split("|")[2:6] == [f" {shares[s]} " for s in ("attn_out", "mlp_in", "mlp_out",
+                                                               "block_out")]
+    assert f"**{oracle[0]} against {oracle[1]}**, noise {oracle[2]}" in theory
+    skip = re.search(r"skip share (\d\.\d+)", log)[1]
+    assert f"{skip} (SmolLM2" in theory

@@ -326,7 +326,7 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="init-not-a-model-dir"),
     pytest.param(lambda t: ["--mode", "joint", "--adapter", "reft"], "joint mode steers block_out with a linear",
                  id="joint-reft"),
-    pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--warmup, --ortho-every and --ckpt-every ≥ 0", id="ortho-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--ortho-every", "-1"], "--ortho-every must be ≥ 0, got -1", id="ortho-negative"),
     pytest.param(lambda t: ["--mode", "activation", "--log-every", "0"], "must be positive", id="log-every-0"),
     pytest.param(lambda t: ["--mode", "weight", "--lora-alpha", "-1"], "--lora-alpha must be positive",
                  id="lora-alpha-negative"),
@@ -334,10 +334,17 @@ BAD = [  # arguments after the defaults (they override them), what the message m
                  id="lora-alpha-0"),
     pytest.param(lambda t: ["--mode", "pretrain"], r"--mode pretrain trains a new model from scratch, it takes no "
                  r"--init: drop --init \S*model.pt$", id="pretrain-with-init"),
-    pytest.param(lambda t: ["--mode", "joint", "--ckpt-every", "-2"], "--warmup, --ortho-every and --ckpt-every ≥ 0", id="ckpt-negative"),
+    pytest.param(lambda t: ["--mode", "joint", "--ckpt-every", "-2"], "--ckpt-every must be ≥ 0, got -2", id="ckpt-negative"),
     pytest.param(lambda t: ["--mode", "joint", "--resume"], r"--resume: there is no \S*resume.pt; start the run "
                  "without --resume", id="resume-without-file"),
-    pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr, --lora-lr and --lora-alpha must be positive", id="lr-0"),
+    pytest.param(lambda t: ["--mode", "activation", "--lr", "0"], "--lr must be positive and finite, got 0", id="lr-0"),
+    pytest.param(lambda t: ["--mode", "activation", "--lr", "nan"], "--lr must be positive and finite, got nan",
+                 id="lr-nan"),
+    pytest.param(lambda t: ["--mode", "weight", "--lora-lr", "inf"], "--lora-lr must be positive and finite",
+                 id="lora-lr-inf"),
+    pytest.param(lambda t: ["--mode", "activation", "--warmup", "-1"], "--warmup must be ≥ 0, got -1", id="warmup"),
+    pytest.param(lambda t: ["--mode", "activation", "--data", t / "nothing.jsonl"], "nothing.jsonl is not a file",
+                 id="data-missing"),
     pytest.param(lambda t: ["--mode", "activation", "--data", write_latin1(t)], "latin1.jsonl line 2: expected a UTF-8 JSON object",
                  id="data-not-utf8"),
     pytest.param(lambda t: ["--mode", "activation", "--data", write_bad_data(t)], "broken.jsonl line 3",
@@ -384,3 +391,64 @@ def test_learning_rate_schedule_warms_up_for_50_steps_then_decays_to_a_tenth():
     assert factors[:3] == [1 / 50, 2 / 50, 3 / 50] and factors[49] == factors[50] == 1.0
     assert all(a >= b for a, b in zip(factors[50:], factors[51:]))
     assert 0.1 <= factors[-1] < 0.11
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing a user saved is lost: output folders checked first, a diverged run writes nothing
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_base):
+    some_file = tmp_path / "some_file"
+    some_file.write_text("keep me")
+    proc = train_py("--init", tiny_base, *TINY, "--mode", "activation", "--out-dir", some_file)
+    assert_fails_before_training(proc, tmp_path / "never", "is a file, not a folder")
+    assert some_file.read_text() == "keep me"
+
+
+def test_the_init_checkpoints_folder_is_refused_as_output(tmp_path, tiny_base):
+    before = sha256(tiny_base)
+    proc = train_py("--init", tiny_base, *TINY, "--mode", "weight", "--lora-rank", "0",
+                    "--out-dir", tiny_base.parent)
+    assert_fails_before_training(proc, tmp_path / "never", "holds the --init checkpoint")
+    assert sha256(tiny_base) == before
+
+
+def test_a_diverged_run_stops_with_one_line_and_leaves_a_good_model_untouched(tmp_path, tiny_base):
+    good = tmp_path / "base"
+    good.mkdir()
+    (good / "model.pt").write_bytes(tiny_base.read_bytes())
+    before = sorted(os.listdir(good)), sha256(good / "model.pt")
+    proc = train_py("--mode", "pretrain", "--lr", "1e6", "--warmup", "0", "--steps", "5", "--batch-size", "8",
+                    "--n-train", "200", "--n-eval", "20", "--device", "cpu", "--out-dir", good)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"the loss became (nan|inf) at step \d+ .*nothing was written", lines[0])
+    assert (sorted(os.listdir(good)), sha256(good / "model.pt")) == before
+
+
+def test_outcomes_file_holds_one_character_per_prompt_and_agrees_with_the_accuracies(run):
+    r = run("linear_block_out")
+    outcomes = json.load(open(r.out / "outcomes.json"))
+    for split, key in (("test", "accuracy"), ("val", "val_accuracy")):
+        assert set(outcomes[split]) <= {"0", "1"} and len(outcomes[split]) == 500   # --n-eval's default
+        assert outcomes[split].count("1") / 500 == pytest.approx(r.results[key], abs=1e-6)
+
+
+def test_resolve_args_returns_a_new_config_and_leaves_the_users_arguments_alone():
+    import train
+    args = train.parse_args(["--mode", "activation", "--layers", "0,1"])
+    before = dict(vars(args))
+    config = train.resolve_args(args)
+    assert vars(args) == before and config is not args
+    assert config.layers == [0, 1] and config.rank == 4 and config.lr == 1e-2
+
+
+def test_dtype_follows_the_model_and_the_cpu(monkeypatch):
+    import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=False) == "float32"     # the miniature gains nothing
+    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=True) == "bfloat16"
+    assert runtime.pick_dtype("auto", "cuda", pretrained_lm=False) == "bfloat16"
+    assert runtime.pick_dtype("float32", "cuda", pretrained_lm=True) == "float32"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=True) == "float32"

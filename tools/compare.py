@@ -1,21 +1,19 @@
 """
-tools/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model (the
-miniature) or on a real pretrained LM. Every method of a table: the same data, batch, steps, rank.
+tools/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model
+(the miniature) or on a real pretrained LM: every method with the same data, batch, steps and
+rank, and the paper's claims, each with a paired 95% interval and a verdict (tools/stats.py).
 
-    python tools/compare.py                        # miniature: 10 methods x 3 tasks x 3 seeds, rank 4
-    python tools/compare.py --init smollm2-135m    # SmolLM2-135M, rank 8: listops, 1 seed (2 CPU cores)
-    python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda    # 3 tasks x 3 seeds
-    python tools/compare.py --quick [--init ...]   # for the tests: boolq, 1 seed, train.py's lrs
+    python tools/compare.py                       # miniature: 10 methods x 3 tasks x 3 seeds
+    python tools/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
+    python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
 
-Learning rates, chosen per task on seed 0's validation split: a swept method runs its family's
-grid and keeps the best validation accuracy (a tie, e.g. all 0, goes to the lowest training loss
-of the last 20 steps); while the best is the smallest or largest lr tried, one more lr beyond it
-(at most EXTEND). The winning run is the seed-0 result; seeds 1.. run at the chosen lr. Sweep
-"family" (the 2-core budget on a real LM) sweeps only full FT, LoRA and linear block_out; the
-other shifts take block_out's lr (a third of the runs, a rate tuned for post-block). Joint takes
-the lrs chosen for block_out and LoRA. Each run is `python train.py ...` run in this process,
-its prints sent to train.log. Into --out-dir: results.md (the table), compare.png, results.json
-(every run, sweep included), train.log, runs/ (each run's files; git ignores them).
+Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its
+two together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps);
+a winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a run (train.py in this
+process, into runs/<task>-<method>-lr<rates>-seed<s>/) holding results.json, outcomes.json and
+argv.json (same arguments) is read back, not redone. Another config in --out-dir needs --force.
+Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
+--quick: for tests (boolq, 1 seed, train.py's rates).
 """
 import argparse
 import contextlib
@@ -26,95 +24,156 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import checkpoints  # noqa: E402
 import train  # noqa: E402
+from model import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
+from tools import stats  # noqa: E402
+from tools.stats import majority_baseline  # noqa: E402
 
-SHIFT = ["--mode", "activation", "--rank", "{r}", "--adapter"]                  # a vector ignores --rank
-JOINT = ["--mode", "joint", "--lora-rank", "{r}", "--rank", "{r}", "--ortho-every"]
-METHODS = {  # name: (learning-rate family, row label, train.py arguments; {r}: the budget's rank)
-    "full": ("full", "full fine-tuning", ["--mode", "weight", "--lora-rank", "0"]),
-    "lora": ("lora", "LoRA, every linear layer", ["--mode", "weight", "--lora-rank", "{r}"]),
-    "reft_mlp_out": ("shift", "ReFT @ mlp_out (post-MLP)", SHIFT + ["reft", "--site", "mlp_out"]),
-    "linear_attn_out": ("shift", "linear @ attn_out (pre-MLP)", SHIFT + ["linear", "--site", "attn_out"]),
-    "linear_mlp_out": ("shift", "linear @ mlp_out (post-MLP)", SHIFT + ["linear", "--site", "mlp_out"]),
-    "linear_block_out": ("shift", "linear @ block_out (post-block)", SHIFT + ["linear", "--site", "block_out"]),
-    "nonlinear_block_out": ("shift", "nonlinear @ block_out", SHIFT + ["nonlinear", "--site", "block_out"]),
-    "vector_block_out": ("shift", "vector @ block_out", SHIFT + ["vector", "--site", "block_out"]),
-    "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + ["1"]),
-    "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + ["0"]),
+SHIFT = "--mode activation --rank {r} --adapter "                      # a vector ignores --rank
+JOINT = "--mode joint --lora-rank {r} --rank {r} --ortho-every "
+METHODS = {  # name: (rate family, row label, train.py arguments; {r}: the budget's rank)
+    "full": ("full", "full fine-tuning", "--mode weight --lora-rank 0"),
+    "lora": ("lora", "LoRA, every linear layer", "--mode weight --lora-rank {r}"),
+    "reft_mlp_out": ("shift", "ReFT @ mlp_out (post-MLP)", SHIFT + "reft --site mlp_out"),
+    "linear_attn_out": ("shift", "linear @ attn_out (pre-MLP)", SHIFT + "linear --site attn_out"),
+    "linear_mlp_out": ("shift", "linear @ mlp_out (post-MLP)", SHIFT + "linear --site mlp_out"),
+    "linear_block_out": ("shift", "linear @ block_out (post-block)",
+                         SHIFT + "linear --site block_out"),
+    "nonlinear_block_out": ("shift", "nonlinear @ block_out", SHIFT + "nonlinear --site block_out"),
+    "vector_block_out": ("shift", "vector @ block_out", SHIFT + "vector --site block_out"),
+    "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + "1"),
+    "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + "0"),
 }
-LEAD = {"full": "full", "lora": "lora", "shift": "linear_block_out"}   # swept under sweep "family"
-FLAG = {"full": "--lr", "lora": "--lora-lr", "shift": "--lr"}       # the train.py flag each family sweeps
-EXTEND = 2
+RATE_FLAGS = {"full": {"--lr": "full"}, "lora": {"--lora-lr": "lora"}, "shift": {"--lr": "shift"},
+              "joint": {"--lr": "shift", "--lora-lr": "lora"}}   # {flag swept: grid of its rates}
+MAX_GROWTH = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
-# a real LM: inside the paper's ranges (THEORY §9). First centred on issue 11's calibration (train.LM_DEFAULTS);
-# on SmolLM2 listops, 120 steps, full FT and LoRA won at the top (1e-4, 1.5e-3) and their grids grew
-# (results/smollm2/compare): they now start around the winners, so the same command needs no growth.
+# a real LM: inside the paper's ranges (THEORY §9), centred on SmolLM2's winners at 120 steps
 LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3e-4, 1e-3, 3e-3]}
-BUDGETS = {  # one budget for every method of a table (times: README)
-    "nano": dict(tasks="listops,arith,boolq", seeds=3, steps=250, batch_size=64, n_train=20000, n_eval=500, rank=4,
-                 sweep="every"),
-    "nano-quick": dict(tasks="boolq", seeds=1, steps=10, batch_size=16, n_train=200, n_eval=100, rank=4,
-                       sweep="family"),
-    "lm-cpu": dict(tasks="listops", seeds=1, steps=120, batch_size=16, n_train=20000, n_eval=500, rank=8,
-                   sweep="family"),
-    "lm-gpu": dict(tasks="listops,arith,boolq", seeds=3, steps=300, batch_size=16, n_train=20000, n_eval=1000, rank=8,
-                   sweep="every"),
-    "lm-quick": dict(tasks="boolq", seeds=1, steps=2, batch_size=4, n_train=200, n_eval=8, rank=8, sweep="family"),
+STEP_SECONDS = {"bfloat16": 0.9, "float32": 2.2}  # a SmolLM2 step on 2 CPU cores: bench_real.py
+ALL, IN_CLAIMS = tuple(METHODS), ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
+BUDGET_KEYS = ("tasks", "seeds", "steps", "batch_size", "n_train", "n_eval", "rank", "seeded")
+DEFAULT_BUDGET = {(False, False): "nano", (False, True): "nano-quick", (True, False): "lm-verdict",
+                  (True, True): "lm-quick"}                 # (a pretrained LM?, --quick?): budget
+BUDGETS = {  # one budget for every method of a table; seeded: the methods run at every seed
+    "nano": ("listops,arith,boolq", 3, 250, 64, 20000, 500, 4, ALL),
+    "nano-quick": ("boolq", 1, 10, 16, 200, 100, 4, ALL),
+    # the verdict on 2 CPU cores: 120 steps stop short of convergence; 2000 test prompts: ±1.25
+    # points if 1 prompt in 12 is discordant (stats.paired_interval, 60:110 of 2000)
+    "lm-verdict": ("listops", 3, 300, 16, 20000, 2000, 8, IN_CLAIMS),
+    "lm-gpu": ("listops,arith,boolq", 3, 300, 16, 20000, 1000, 8, ALL),
+    "lm-quick": ("boolq", 1, 2, 4, 200, 8, 8, ALL),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Every method on every task with one budget: a table and a chart.")
-    p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model every method adapts (train.py --init)")
-    p.add_argument("--budget", choices=BUDGETS, help="default: nano, or lm-cpu for a pretrained LM; "
-                   "--quick: nano-quick / lm-quick. The flags below override its values")
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests: train.py's lrs, no sweep")
+    """The arguments, every one checked before any work (a ValueError: one line)."""
+    p = argparse.ArgumentParser(description="Every method, one budget: a table and verdicts.")
+    p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model (train.py --init)")
+    p.add_argument("--budget", choices=BUDGETS, help="default: nano, lm-verdict (pretrained LM)")
+    p.add_argument("--quick", action="store_true", help="a reduced run for tests: no sweep")
     p.add_argument("--tasks", help="comma-separated built-in tasks")
     p.add_argument("--seeds", type=int, help="run seeds 0..n-1")
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--batch-size", type=int, help="examples per step")
     p.add_argument("--n-eval", type=int, help="validation and test examples per task (each)")
-    p.add_argument("--sweep", choices=["every", "family"], help="which methods sweep their lr (see above)")
-    p.add_argument("--device", default="auto", help="train.py --device")
-    p.add_argument("--out-dir", help="where tables, chart and runs go (default out/compare[-INIT])")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--out-dir", help="where everything goes (default out/compare-<init>-<budget>)")
+    p.add_argument("--force", action="store_true", help="into an --out-dir of another config")
     args = p.parse_args(argv)
-    lm = checkpoints.is_pretrained_lm(args.init)
-    args.budget = args.budget or ("lm" if lm else "nano") + ("-quick" if args.quick else "-cpu" if lm else "")
-    for key, value in BUDGETS[args.budget].items():
+    args.lm = checkpoints.is_pretrained_lm(args.init)
+    args.budget = args.budget or DEFAULT_BUDGET[args.lm, args.quick]
+    for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.tasks = args.tasks.split(",")
-    sizes = (args.seeds, args.steps, args.batch_size, args.n_eval)
-    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(sizes) <= 0:
-        raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, --n-eval must be "
-                         "positive")
-    defaults = train.LM_DEFAULTS["lr"] if lm else train.DEFAULT_LR
-    args.grid = {f: [defaults[f]] for f in FLAG} if args.quick else LM_GRID if lm else NANO_GRID
-    name = os.path.splitext(os.path.basename(args.init))[0]
-    args.out_dir = args.out_dir or os.path.join("out", "compare" if args.init == train.BASE_CHECKPOINT else
-                                                f"compare-{name}")
+    if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(
+            args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
+        raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "
+                         "--n-eval must be positive")
+    defaults = train.LM_DEFAULTS["lr"] if args.lm else train.DEFAULT_LR
+    one_each = {family: [defaults[family]] for family in NANO_GRID}   # --quick: train.py's rates
+    args.grid = one_each if args.quick else LM_GRID if args.lm else NANO_GRID
+    slug = "".join(c if c.isalnum() else "-" for c in os.path.splitext(args.init)[0]).strip("-")
+    args.out_dir = args.out_dir or os.path.join("out", f"compare-{slug}-{args.budget}")
+    check_out_dir(args)
+    for name in METHODS:                      # train.py's own checks of every method's arguments
+        rates = {flag: args.grid[g][0] for flag, g in RATE_FLAGS[METHODS[name][0]].items()}
+        check = train_argv(args, name, args.tasks[0], 0, rates, os.path.join(args.out_dir, "runs"))
+        train.resolve_args(train.parse_args(check))
     return args
 
 
-def lr_text(lrs, sep="/"):
-    return sep.join(f"{v:.1e}".replace(".0e", "e") for v in lrs.values())
+def config(args):                            # what makes a table: one config a folder
+    keys = ["init", "budget", *BUDGET_KEYS, "grid", "dtype", "device"]
+    return json.loads(json.dumps({k: getattr(args, k) for k in keys}))     # as read back from JSON
+
+
+def check_out_dir(args):
+    """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
+    out, folder = args.out_dir, os.path.abspath(args.out_dir)
+    while not os.path.isdir(folder):          # up to the nearest folder that exists
+        if os.path.exists(folder):
+            raise ValueError(f"--out-dir {out}: {folder} is a file: give a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out-dir {out} is not writable: choose another")
+    saved = os.path.join(out, "config.json")
+    old = read_json(saved) if os.path.exists(saved) else {}
+    changed = [key for key, value in config(args).items() if old.get(key) != value]
+    if (old or os.path.exists(os.path.join(out, "results.json"))) and changed and not args.force:
+        raise ValueError(f"--out-dir {out} holds the results of another configuration ("
+                         f"{changed[0]} {old.get(changed[0])} there): choose another, or --force")
+
+
+def train_argv(args, name, task, seed, lrs, folder):
+    rates = " ".join(f"{flag} {value}" for flag, value in lrs.items())
+    line = (f"{METHODS[name][2]} {rates} --task {task} --seed {seed} --steps {args.steps} "
+            f"--batch-size {args.batch_size} --n-train {args.n_train} --n-eval {args.n_eval} "
+            f"--device {args.device} --dtype {args.dtype}").format(r=args.rank)
+    return line.split() + ["--init", args.init, "--out-dir", folder]   # paths may hold spaces
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def text_file(text):
+    def write(path):                          # model.write_files calls it with a temporary path
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
 
 
 def run(args, name, task, seed, lrs, log):
-    """One train.py run with the learning rates lrs ({flag: value}); returns its results."""
-    argv = [a.format(r=args.rank) for a in METHODS[name][2]] + [str(a) for kv in lrs.items() for a in kv] + [
-        "--task", task, "--seed", f"{seed}", "--steps", f"{args.steps}", "--batch-size", f"{args.batch_size}",
-        "--n-train", f"{args.n_train}", "--n-eval", f"{args.n_eval}", "--init", args.init, "--device", args.device,
-        "--out-dir", os.path.join(args.out_dir, "runs", f"{task}-{name}-lr{lr_text(lrs, '-')}-seed{seed}")]
-    with contextlib.redirect_stdout(log):
-        print(f"\n$ python train.py {' '.join(argv)}", flush=True)
-        res = train.train(train.resolve_args(train.parse_args(argv)))
+    """One train.py run at the rates lrs ({flag: value}), or, when its folder holds a finished
+    run with the same arguments, that run read back. -> its results (and outcomes)."""
+    rates = stats.rates_text(lrs, "-")
+    folder = os.path.join(args.out_dir, "runs", f"{task}-{name}-lr{rates}-seed{seed}")
+    argv = train_argv(args, name, task, seed, lrs, folder)
+    files = [os.path.join(folder, f) for f in ("results.json", "outcomes.json", "argv.json")]
+    reused = all(map(os.path.exists, files)) and read_json(files[2]) == argv
+    if not reused:
+        with contextlib.redirect_stdout(log):
+            print(f"\n$ python train.py {' '.join(argv)}", flush=True)
+            try:
+                train.train(train.resolve_args(train.parse_args(argv)))
+            except ValueError as e:           # diverged: a sweep's worst candidate, never a result
+                print(f"failed: {e}", flush=True)
+                return dict(method=name, task=task, seed=seed, lrs=lrs, reused=False, failed=str(e),
+                            val_accuracy=-1, accuracy=0, final_loss=math.inf, train_seconds=0)
+        write_atomically(files[2], text_file(json.dumps(argv)))    # last: the run is finished
+    res, outcomes = read_json(files[0]), read_json(files[1])
     losses = res.pop("losses")                # all of them stay in the run's own results.json
-    return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]), **res)
+    return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]),
+                reused=reused, outcomes=outcomes, **res)
 
 
 def best(tried):
@@ -122,173 +181,120 @@ def best(tried):
     return max(tried, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
 
 
-def sweep(do, flag, grid):
-    """do({flag: lr}) at every lr of grid; while the best is the smallest or largest lr tried, one
-    more lr a grid step beyond it (at most EXTEND). Returns the best run and whether it is still
-    at an edge of the lrs tried."""
-    tried = {lr: do({flag: lr}) for lr in grid}
-    for _ in range(EXTEND if len(grid) >= 3 else 0):
-        lrs, lr = sorted(tried), best(tried.values())["lrs"][flag]
-        if lrs[0] < lr < lrs[-1]:
+def sweep(do, grid):
+    """do(lrs) at every point of grid ({flag: [rates]}, several flags step together); while the
+    best is at the smallest or largest rate tried, one more step beyond it in the grid's own
+    pattern (at most MAX_GROWTH; 3e-3, 1e-2, 3e-2: up 1e-1, then 3e-1; down 1e-3, then 3e-4).
+    -> the best run, and whether it is still at an edge of the rates tried."""
+    flags = list(grid)
+    tried = [do({f: grid[f][i] for f in flags}) for i in range(len(grid[flags[0]]))]
+    for _ in range(MAX_GROWTH if len(tried) >= 3 else 0):
+        winner, rates = best(tried), sorted(r["lrs"][flags[0]] for r in tried)
+        if rates[0] < winner["lrs"][flags[0]] < rates[-1]:
             break
-        # a grid step beyond, in the grid's own pattern (3e-3, 1e-2, 3e-2 -> 1e-1, 3e-1 or 1e-3, 3e-4)
-        beyond = float(f"{lr * lrs[-2] / lrs[-3] if lr == lrs[-1] else lr * lrs[1] / lrs[2]:.3g}")
-        tried[beyond] = do({flag: beyond}, extension=True)
-    winner = best(tried.values())
-    return winner, len(tried) >= 3 and winner["lrs"][flag] in (min(tried), max(tried))
+        up, beyond = winner["lrs"][flags[0]] == rates[-1], {}
+        for f in flags:                       # a grid step: the ratio of two neighbouring rates
+            ladder = sorted(r["lrs"][f] for r in tried)
+            step = ladder[-2] / ladder[-3] if up else ladder[1] / ladder[2]
+            beyond[f] = float(f"{winner['lrs'][f] * step:.3g}")
+        tried.append(do(beyond, extension=True))
+    winner, rates = best(tried), [r["lrs"][flags[0]] for r in tried]
+    return winner, len(tried) >= 3 and winner["lrs"][flags[0]] in (min(rates), max(rates))
 
 
-def mean_std(values):                         # the sample standard deviation; 0 for one value
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def majority_baseline(splits):
-    """Answer every test prompt with train's commonest completion -> (it, its test accuracy)."""
-    answer = Counter(c for _, c in splits["train"]).most_common(1)[0][0]
-    return answer, statistics.mean(c == answer for _, c in splits["test"])
-
-
-def baselines(args, finals, seeds):
-    """Test accuracy per (task, seed) of two rows without training: the majority class, and the
-    base model (train.py measures it before every run)."""
-    rows = {"majority": {}, "base": {}}
-    for task in args.tasks:
-        for seed in seeds:
-            splits = make_splits(task, seed, args.n_train, args.n_eval)
-            rows["majority"][task, seed] = majority_baseline(splits)[1]
-            rows["base"][task, seed] = next(r["base_accuracy"] for r in finals
-                                            if r["task"] == task and r["seed"] == seed)
-    return rows
-
-
-def summarize(finals, tasks, seeds, extra_rows):
-    """Per method (and per row of extra_rows, {name: {(task, seed): accuracy}}): test accuracy
-    (mean, std) over seeds per task and for the average over tasks (averaged per seed first);
-    trainable params and %; mean training seconds per run."""
-    accuracies = {**extra_rows, **{name: {(r["task"], r["seed"]): r["accuracy"] for r in finals
-                                          if r["method"] == name} for name in METHODS}}
-    rows = {}
-    for name, acc in accuracies.items():
-        mine = [r for r in finals if r["method"] == name] or [dict(trainable_params=0, trainable_pct=0.0,
-                                                                   train_seconds=0.0)]
-        rows[name] = dict(**{t: mean_std([acc[t, s] for s in seeds]) for t in tasks},
-                          average=mean_std([statistics.mean(acc[t, s] for t in tasks) for s in seeds]),
-                          params=mine[0]["trainable_params"], pct=mine[0]["trainable_pct"],
-                          seconds=statistics.mean(r["train_seconds"] for r in mine))
-    return rows
+def majority_rows(args, finals):
+    """{(task, seed): test accuracy of the majority class} for every task and seed run."""
+    keys = {(r["task"], r["seed"]) for r in finals}
+    return {(t, s): majority_baseline(make_splits(t, s, args.n_train, args.n_eval))[1]
+            for t, s in keys}
 
 
 LABEL = {"majority": "majority class (train's commonest answer)", "base": "base model, untrained",
          **{name: METHODS[name][1] for name in METHODS}}
 
 
-def markdown(rows, chosen, edges, args):
-    cols = args.tasks + ["average"]
-    header = f"| method | {' | '.join(cols)} | trainable params | % of model | s / run | lr: {', '.join(args.tasks)} |"
-    lines = [header, "|---|" + "---:|" * (len(cols) + 3) + "---|"]
-    for name, row in rows.items():
-        cells = " | ".join(f"{100 * row[c][0]:.1f} ± {100 * row[c][1]:.1f}" for c in cols)
-        star = {t: "*" * ((name, t) in edges) for t in args.tasks}     # * = still at an edge of the lrs tried
-        lrs = ", ".join(lr_text(chosen[name][t]) + star[t] for t in args.tasks) if name in chosen else "–"
-        lines.append(f"| {LABEL[name]} | {cells} | {row['params']:,} | {row['pct']:.3f} | {row['seconds']:.1f} | "
-                     f"{lrs} |")
-    half = 100 * 1.96 * math.sqrt(0.75 * 0.25 / args.n_eval)
-    return "\n".join(lines) + (
-        f"\n\nTest accuracy (%), mean ± std over {args.seeds} seed(s) ({args.n_eval} test prompts a task: one "
-        f"accuracy near 75% has a 95% binomial interval of ±{half:.1f} points). Every method {args.steps} steps "
-        f"of batch {args.batch_size}, rank {args.rank}, on {args.init}. lr: chosen on the validation split "
-        f"(seed 0, sweep '{args.sweep}'); joint: shift lr/LoRA lr"
-        + (f"; * = at the edge of the lrs tried: {', '.join(f'{n} on {t}' for n, t in edges)}" if edges else "")
-        + ".\n")
+class Progress:
+    """A line a run (console, progress.log); ETA from the runs trained, not read back, here."""
+    def __init__(self, plan, path):
+        self.plan, self.path, self.done, self.trained, self.seconds = plan, path, 0, 0, 0.0
+
+    def report(self, r, seconds):
+        self.done += 1
+        if not r["reused"]:
+            self.trained, self.seconds = self.trained + 1, self.seconds + seconds
+        eta = self.seconds / max(1, self.trained) * (self.plan - self.done) / 60
+        line = (f"run {self.done:3d}/{self.plan} | {r['phase']:5s} | {r['task']:7s} | "
+                f"{r['method']:19s} | seed {r['seed']} | lr {stats.rates_text(r['lrs']):15s} | "
+                f"val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
+                f"{r['train_seconds']:5.0f} s | " + ("done before" if r["reused"] else
+                                                    f"eta {eta:5.1f} min"))
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:      # a log: appended line by line
+            print(line, file=f)
 
 
-def chart(rows, args, path):
-    from matplotlib.figure import Figure      # draws to a file, leaves pyplot's backend alone
-    cols, names = args.tasks + ["average"], list(rows)
-    fig, width = Figure(figsize=(14, 5)), 0.8 / len(cols)
-    ax = fig.subplots()
-    for i, col in enumerate(cols):
-        xs = [j + (i - (len(cols) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [100 * rows[n][col][0] for n in names], width, yerr=[100 * rows[n][col][1] for n in names],
-               capsize=2, label=col, color="black" if col == "average" else None)
-    labels = [LABEL[n].replace(" (", "\n(").replace(": ", ":\n").replace(", ", ",\n") +
-              f"\n{rows[n]['pct']:.2f}% params" for n in names]
-    ax.set_xticks(range(len(names)), labels, fontsize=6)
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 115), yticks=range(0, 101, 20),
-           title=f"{args.init}: same data and steps for every method, rank {args.rank}: test accuracy, "
-                 "mean ± std over seeds")
-    ax.legend(ncol=len(cols), fontsize=8, loc="upper center")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+def run_all(args, log, progress):
+    """The sweeps on seed 0, then the other seeds at the chosen rates. -> (runs, chosen, edges)"""
+    runs, chosen, edges = [], {name: {} for name in METHODS}, []
 
+    def do(phase, name, task, seed, lrs, extension=False):
+        progress.plan += extension                           # a grid that grows adds a run
+        t0 = time.time()
+        runs.append(dict(phase=phase, **run(args, name, task, seed, lrs, log)))
+        progress.report(runs[-1], time.time() - t0)
+        return runs[-1]
 
-def write(path, text):
-    """Write to a temporary name, then rename: a crash never leaves a half-written file behind."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    for task in args.tasks:
+        for name in METHODS:                  # the sweep: the best validation accuracy wins
+            grid = {flag: args.grid[g] for flag, g in RATE_FLAGS[METHODS[name][0]].items()}
+            winner, edge = sweep(functools.partial(do, "sweep", name, task, 0), grid)
+            if "failed" in winner:
+                raise ValueError(f"{name} on {task} failed at every rate: {winner['failed']}")
+            winner["phase"], chosen[name][task] = "final", winner["lrs"]
+            edges += [(name, task)] * edge
+        for name in METHODS:
+            for seed in range(1, args.seeds if name in args.seeded else 1):
+                if "failed" in do("final", name, task, seed, chosen[name][task]):
+                    raise ValueError(f"{name} on {task}, seed {seed}: {runs[-1]['failed']}")
+    return runs, chosen, edges
 
 
 def main(args):
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "train.log"), "w", buffering=1)     # line by line: progress shows
-    seeds, start = list(range(args.seeds)), time.time()
-    if args.init == train.BASE_CHECKPOINT and not os.path.exists(args.init):   # train.py pretrains it then
-        print(f"no base model at {args.init} yet: the first run pretrains it (train.py --mode pretrain)", flush=True)
-    swept = list(LEAD.values()) if args.sweep == "family" else [n for n in METHODS if METHODS[n][0] != "joint"]
-    size = len(next(iter(args.grid.values())))
-    per_task = len(swept) * (size + len(seeds) - 1) + (len(METHODS) - len(swept)) * len(seeds)
-    plan, runs, t0 = len(args.tasks) * per_task, [], time.time()
-    print(f"{len(METHODS)} methods x {len(args.tasks)} tasks x {len(seeds)} seeds, {args.steps} steps of batch "
-          f"{args.batch_size}, budget {args.budget}, lr grids {args.grid} (sweep {args.sweep}): {plan} runs, "
-          f"more if a grid grows (train.py's prints: {log.name})", flush=True)
-
-    def do(phase, name, task, seed, lrs, extension=False):
-        nonlocal plan                         # a grid that grows adds a run to the plan
-        plan += extension
-        r = dict(phase=phase, **run(args, name, task, seed, lrs, log))
-        runs.append(r)
-        eta = (time.time() - t0) / len(runs) * (plan - len(runs))
-        print(f"run {len(runs):3d}/{plan} | {phase:5s} | {task:7s} | {name:19s} | seed {seed} | lr "
-              f"{lr_text(lrs):11s} | val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
-              f"{r['train_seconds']:5.0f} s | eta {eta / 60:5.1f} min", flush=True)
-        return r
-
-    chosen, edges = {name: {} for name in METHODS}, []
-    for task in args.tasks:                   # the sweep, on seed 0: the best validation accuracy wins
-        for name in swept:
-            family = METHODS[name][0]
-            run_at = functools.partial(do, "sweep", name, task, seeds[0])     # run_at(lrs) -> its results
-            winner, edge = sweep(run_at, FLAG[family], args.grid[family])
-            winner["phase"], chosen[name][task] = "final", winner["lrs"]
-            edges += [(name, task)] * edge
-        for name in METHODS:                  # not swept: joint takes block_out's and LoRA's lrs,
-            if name not in swept:             # another shift block_out's (sweep "family")
-                chosen[name][task] = ({**chosen["linear_block_out"][task], **chosen["lora"][task]}
-                                      if METHODS[name][0] == "joint" else chosen[LEAD[METHODS[name][0]]][task])
-    for task in args.tasks:                   # the other seeds, at the chosen learning rates
-        for name in METHODS:
-            for seed in seeds[1:] if name in swept else seeds:
-                do("final", name, task, seed, chosen[name][task])
-    log.close()
-
+    write_atomically(os.path.join(args.out_dir, "config.json"), text_file(json.dumps(config(args))))
+    seeds = [args.seeds if name in args.seeded else 1 for name in METHODS]
+    plan, start = len(args.tasks) * sum(len(args.grid["full"]) + s - 1 for s in seeds), time.time()
+    print(f"{len(METHODS)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
+          f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows; into "
+          f"{args.out_dir}", flush=True)
+    if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
+        hours = {dtype: plan * args.steps * STEP_SECONDS[dtype] / 3600 for dtype in STEP_SECONDS}
+        print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
+              + " (at a steering step's time; full fine-tuning's steps are longer)", flush=True)
+    progress = Progress(plan, os.path.join(args.out_dir, "progress.log"))
+    with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
+        runs, chosen, edges = run_all(args, log, progress)
     finals = [r for r in runs if r["phase"] == "final"]
-    rows = summarize(finals, args.tasks, seeds, baselines(args, finals, seeds))
-    table, wall = markdown(rows, chosen, edges, args), time.time() - start
-    write(os.path.join(args.out_dir, "results.md"), table)
-    chart(rows, args, os.path.join(args.out_dir, "compare.png"))
-    everything = dict(budget={k: getattr(args, k) for k in BUDGETS["nano"]}, name=args.budget, init=args.init,
-                      grid=args.grid, chosen_lrs=chosen, edges=edges, wall_seconds=wall, summary=rows, runs=runs)
-    write(os.path.join(args.out_dir, "results.json"), json.dumps(everything, indent=1))
-    print(f"\n{table}\n{len(runs)} runs, {wall / 60:.1f} min in all; wrote {args.out_dir}/results.md, compare.png, "
-          "results.json, train.log")
+    rows = stats.summarize(finals, args.tasks, METHODS, majority_rows(args, finals))
+    table = stats.results_markdown(rows, chosen, edges, finals, args, LABEL)
+    outcomes = {f"{r['task']}/{r['method']}/seed{r['seed']}": r["outcomes"]["test"] for r in finals}
+    for r in runs:
+        r.pop("outcomes", None)               # in each run's folder; the finals' in outcomes.json
+    everything = dict(config=config(args), chosen_lrs=chosen, edges=edges, summary=rows, runs=runs)
+    write_files(args.out_dir, {"results.md": text_file(table),         # together, or none of them
+                               "results.json": text_file(json.dumps(everything, indent=1)),
+                               "outcomes.json": text_file(json.dumps(outcomes, indent=0)),
+                               "compare.png": functools.partial(stats.chart, rows, args, LABEL)})
+    print(f"\n{table}\n{len(runs)} runs, {(time.time() - start) / 60:.1f} min in this sitting; "
+          f"wrote {args.out_dir}/results.md, results.json, outcomes.json, compare.png")
     return rows
 
 
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except ValueError as e:  # train.py raises every user error as a ValueError with a one-line message
+    except ValueError as e:  # train.py raises every user error as a ValueError: one line
         print(f"compare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # train.py stops after its step; finished runs are on disk
+        print("compare.py: stopped (Ctrl-C): run the same command to go on", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,173 @@
+"""
+runtime.py: where and how train.py's loop runs, kept out of the loop so that it reads as the math.
+A first read skips this file. It holds: the device and the number format (bf16 autocast), several
+processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the checks of an output folder.
+"""
+import argparse
+import math
+import os
+import signal
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
+
+from model import write_atomically
+
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+# ---------------------------------------------------------------------------------------------
+# device and number format
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu; a named device must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} is not available on this machine: use --device cpu")
+    return name
+
+
+def cpu_has_native_bf16():
+    """Does this CPU multiply bf16 in hardware? Linux lists it among the CPU's flags (avx512_bf16 on
+    AMD Zen 4 and Intel Cooper Lake on, amx_bf16 on Sapphire Rapids). Elsewhere we do not know: no."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name, device, pretrained_lm):
+    """The number format of the forward and backward passes: "float32" or "bfloat16" (autocast; the
+    weights and the optimizer stay float32). auto: bf16 on CUDA; on a CPU with native bf16 only
+    for a pretrained LM, whose large matmuls it speeds up (the miniature's are too small to gain)."""
+    if name != "auto":
+        return name
+    if device == "cuda" or device == "cpu" and pretrained_lm and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """A context in which matmuls run in bf16 (the float32 weights are cast on the fly), or nothing."""
+    if dtype == "bfloat16":
+        return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun) and Ctrl-C
+
+
+def init_distributed(device):
+    """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: NCCL on CUDA,
+    one GPU per process, gloo on CPU. -> (rank, number of processes); alone (0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))     # from now on "cuda" is this process's GPU
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def mean_over_processes(loss, world):
+    """Every process holds world × (its share of the batch's mean loss); their sum / world is the
+    batch's mean (see the rescaling in train.train_steps)."""
+    summed = all_reduce(loss) if world > 1 else loss
+    return summed.item() / world
+
+
+class CtrlC:
+    """Ctrl-C only sets a flag; the loop stops after the step, since half a step cannot be resumed.
+    Under torchrun every process asks `pressed` after every step and they agree (a maximum over
+    processes), so all of them stop after the same step and none waits for another in all-reduce."""
+
+    def __init__(self, world):
+        self.world, self.seen = world, False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.seen = True
+
+    def pressed(self):
+        if self.world == 1:
+            return self.seen
+        flag = torch.tensor([float(self.seen)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+# ---------------------------------------------------------------------------------------------
+# resumable runs: resume.pt in --out-dir
+
+FREE_ARGS = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
+
+
+def save_resume(path, config, step, losses, model, optimizer, batches):
+    """Everything the loop needs to go on from `step` as if never stopped."""
+    state = dict(args=vars(config), step=step, losses=losses, optimizer=optimizer.state_dict(),
+                 tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 batches=batches.get_state(), torch_rng=torch.get_rng_state())
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(path, config, model, optimizer, batches):
+    """Restore what save_resume wrote, if from a run with this config. -> (steps done, their losses)"""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["args"]
+    except Exception as e:  # truncated, another kind of file: one line for the user
+        raise ValueError(f"{path} is not a resume file of train.py ({type(e).__name__}): start without --resume") from None
+    for key, value in vars(config).items():
+        if key not in FREE_ARGS and saved.get(key) != value:
+            raise ValueError(f"{path} comes from a run with {key}={saved.get(key)!r}, not {value!r}: "
+                             "resume with that run's arguments, or choose another --out-dir")
+    model.load_state_dict(state["tensors"], strict=False)        # the trainable tensors; the rest is --init
+    optimizer.load_state_dict(state["optimizer"])
+    batches.set_state(state["batches"])
+    torch.set_rng_state(state["torch_rng"])    # dropout draws from it (on CUDA from the GPU's, not saved)
+    return state["step"], state["losses"]
+
+# ---------------------------------------------------------------------------------------------
+# checks that come before any work
+
+
+def check_out_dir(out_dir, init=None):
+    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
+    the checkpoint the run starts from (its model.pt could be written over)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
+    existing = out_dir
+    while not os.path.exists(existing):                 # the nearest folder that exists must be writable
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out-dir {out_dir} cannot be written ({existing} is not a writable folder): "
+                         "choose another --out-dir")
+    if init is not None and os.path.isfile(init):
+        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
+            raise ValueError(f"--out-dir {out_dir} holds the --init checkpoint {init}, which the run "
+                             "would write over: choose another --out-dir")
+
+
+def check_finite(losses, step):
+    """A diverged run stops here, before anything is written over earlier results."""
+    if not math.isfinite(losses[-1]):
+        finite = [x for x in losses if math.isfinite(x)]
+        last = f"the last finite loss was {finite[-1]:.4f}" if finite else "no step had a finite loss"
+        raise ValueError(f"the loss became {losses[-1]} at step {step} ({last}); nothing was written: "
+                         "try a smaller --lr or a longer --warmup")

@@ -291,15 +291,18 @@ def test_notebook_figures_fit_a_projector(path):
 def test_claims_figure_verdicts_and_redraw(tmp_path):
     """tools/claims_figure.py: the verdict words follow the interval; the committed results redraw."""
     from tools import claims_figure as cf
-    assert cf.verdict("ahead", 3.0, 2.0) == "holds" and cf.verdict("ahead", -3.0, 2.0) == "does not hold"
-    assert cf.verdict("ahead", 1.0, 2.0) == "cannot tell at ±2.0"
-    assert cf.verdict("within", 0.2, 0.5) == "holds" and cf.verdict("within", -44.0, 2.0) == "does not hold"
-    assert cf.combined(["holds", "cannot tell at ±2.0"]) == "cannot tell"
+    assert cf.verdict("ahead", 1.0, 5.0) == "holds" and cf.verdict("ahead", -5.0, -1.0) == "does not hold"
+    assert cf.verdict("within", -46.1, -41.7) == "does not hold"       # the miniature's post-block − full
+    assert cf.combined(["holds", "cannot tell at ±2.0 points"]) == "cannot tell"
     results = {"budget": {"n_eval": 500, "tasks": ["boolq"]},
                "runs": [{"phase": "final", "method": m, "seed": s, "accuracy": a}
                         for m, s, a in (("a", 0, 0.8), ("a", 1, 0.9), ("b", 0, 0.7), ("b", 1, 0.7), ("a", 2, 0.5))]}
     diff, half = cf.difference(results, "a", "b")        # seed 2 has no b: left out
     assert diff == pytest.approx(15.0) and half > 0
+    committed = json.loads((ROOT / "results" / "compare" / "results.json").read_text(encoding="utf-8"))
+    rows, words = cf.verdicts(committed)
+    assert [r[1] for r in rows][:2] == ["post-block − full fine-tuning", "post-block − post-MLP"]
+    assert words[rows[0][0]] == "does not hold" and len(words) == 3
     cf.main(["--out", str(tmp_path / "claims.png")])
     assert (tmp_path / "claims.png").stat().st_size > 10_000
 

@@ -1,8 +1,7 @@
 """equivalence.py: docs/THEORY.md §3–§8 (Adila et al., 2026, "Weight Updates as Activation Shifts")
-checked with numbers, one function per demonstration. main() prints a line per claim (measured |
-predicted | diff | tol | ok), writes equivalence.json and three figures. `python equivalence.py`
-runs on the built-in base model (else a fresh small GPT); `--init smollm2-135m` on a real one."""
-import argparse
+checked with numbers, one function per demonstration. main() prints a row per check (kind: theorem,
+sanity, measured | measured | predicted | diff | tol | ok; exit 1 if a theorem or sanity row fails,
+2 on a bad argument), writes equivalence.json and 3 figures. `--init smollm2-135m`: a real LM."""
 import copy
 import json
 import os
@@ -25,6 +24,7 @@ from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  
                         random_update, updated, where_to_steer, wproj_zero)  # fit_shift: notebooks
 from tools.output import check_out, figure_writers, shown, write_json
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
+from runtime import OneLineParser
 
 PROSE = Path(__file__).resolve().parent / "docs" / "THEORY.md"      # the text the checks read
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
@@ -260,7 +260,7 @@ def write(r, out):
     write_files(out, {"equivalence.json": partial(write_json, r), **figure_writers(r, EPS)})
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check docs/THEORY.md §3–§8 with numbers.")
+    parser = OneLineParser(description="Check docs/THEORY.md §3–§8 with numbers.")
     parser.add_argument("--init", "--checkpoint", help="any checkpoints.load name: smollm2-135m, a "
                         ".gguf, a GPT.save file... (default: out/base/model.pt, else a fresh GPT)")
     parser.add_argument("--device", choices=["cpu", "cuda"] if torch.cuda.is_available() else

@@ -45,7 +45,8 @@ def box(ax, label, y):
 
 
 def plus(ax, y):
-    ax.add_patch(plt.Circle((STREAM, y), 0.2, facecolor="white", edgecolor="0.25", lw=1.4, zorder=3))
+    ax.add_patch(plt.Circle((STREAM, y), 0.2, facecolor="white", edgecolor="0.25", lw=1.4,
+                            zorder=3))
     ax.text(STREAM, y - 0.02, "+", ha="center", va="center", fontsize=14, zorder=4)
 
 

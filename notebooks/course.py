@@ -113,15 +113,13 @@ def oracle_inputs(base, tuned, idx, site):
             for block, x, delta in zip(base.transformer.h, streams, deltas)]
 
 
-class Fixed(torch.nn.Module):
-    """A 'shift' that adds a stored (B, T, d) tensor: the oracle for one batch of prompts."""
+ORACLE_ROWS = {"vector": ("block_out", "vector"), "linear U·D·z": ("block_out", "linear"),   # name: (site, kind)
+               "nonlinear, linear start": ("block_out", "nonlinear"),
+               "nonlinear, best random start": ("block_out", "nonlinear random"),
+               "ReFT form at block_out": ("block_out", "reft"), "ReFT at mlp_out (reads y)": ("mlp_out", "reft")}
 
-    def __init__(self, delta):
-        super().__init__()
-        self.delta = delta
 
-    def forward(self, s):
-        return self.delta
+Fixed = eq.Replay        # a "shift" that adds a stored (B, T, d) tensor: the oracle for one batch of prompts
 
 
 @torch.no_grad()
@@ -149,10 +147,11 @@ def real_tokens(idx, eot):
     return (idx == eot).cumsum(1) <= 2          # <eot> prompt completion <eot>, then <eot> padding
 
 
-def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2)):
+def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2), names=None):
     """THEORY §6 with the paper's metric. Every layer's steer is fitted on idx_fit to that layer's
     oracle (reading the tuned stream); then all layers are steered at once on idx_test, and the KL to
-    the tuned model is measured. -> {row: (share recovered per layer, KL)}."""
+    the tuned model is measured. names: the fitted rows to include (default: all of ORACLE_ROWS).
+    -> {row: (share recovered per layer, KL)}."""
     eot = tasks.get_tokenizer("bytes").eot_token
     target, mask = tuned(idx_test)[0].detach(), real_tokens(idx_test, eot)
     no_steer = kl_to_tuned(target, steered_logits(base, tuned, idx_test), mask)
@@ -160,11 +159,9 @@ def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2)):
     oracle = [Fixed(d) for d in ns.oracle(base, tuned, idx_test)]
     rows["oracle"] = ([1.0] * base.config.n_layer,
                       kl_to_tuned(target, steered_logits(base, tuned, idx_test, "block_out", oracle), mask))
-    for name, site, kind in (("vector", "block_out", "vector"), ("linear U·D·z", "block_out", "linear"),
-                             ("nonlinear, linear start", "block_out", "nonlinear"),
-                             ("nonlinear, best random start", "block_out", "nonlinear random"),
-                             ("ReFT form at block_out", "block_out", "reft"),
-                             ("ReFT at mlp_out (reads y)", "mlp_out", "reft")):
+    for name, (site, kind) in ORACLE_ROWS.items():
+        if names is not None and name not in names:
+            continue
         inputs = oracle_inputs(base, tuned, idx_fit, site)
         fits = [fit_oracle(s, delta, kind, rank, seeds)[0] for s, delta in inputs]
         shares = [share_recovered(f, s, d) for f, (s, d) in zip(fits, inputs)]

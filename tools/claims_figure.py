@@ -5,19 +5,18 @@ results/compare/results.json or results/smollm2/compare/results.json change:
 
     python tools/claims_figure.py
 
-Each claim is a comparison of two methods' test accuracy, a − b in points, averaged over the
-tasks and seeds of the comparison (tools/compare.py's "final" runs):
-  1. post-block steering ≈ full fine-tuning       (within ±1 point)
+Each claim is tools/stats.CLAIMS's comparison of two methods' test accuracy, a − b in points,
+averaged over the tasks and seeds of the comparison (tools/compare.py's "final" runs):
+  1. post-block within 1 point of full fine-tuning
   2. post-block ahead of post-MLP and of pre-MLP  (both differences > 0)
   3. joint ahead of LoRA and of post-block alone  (both differences > 0)
 The interval is an approximate 95% one, 1.96 · √(prompt noise² + seed noise²): prompt noise is
 the binomial standard error of each accuracy over its N test prompts (tasks × seeds × n_eval),
 unpaired; seed noise the standard error of the per-seed differences (none with one seed). It is
-wider than a paired test on per-prompt outcomes would give. The verdict words: "holds" if the
-whole interval agrees with the claim, "does not hold" if the whole interval contradicts it,
-else "cannot tell at ±x points" (x: half the interval's width).
+wider than tools/stats.paired_interval on per-prompt outcomes (outcomes.json), which the
+committed comparisons predate. The words are tools/stats.verdict's: "holds" if the whole interval
+agrees with the claim, "does not hold" if it contradicts it, else "cannot tell at ±x points".
 """
-import argparse
 import json
 import sys
 from functools import partial
@@ -33,16 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
 from model import write_atomically  # noqa: E402
+from runtime import OneLineParser  # noqa: E402
+from tools.stats import CLAIMS, combined, verdict  # noqa: E402
 
-MARGIN = 1.0                                    # claim 1: "≈" means within ±1 point
-# (claim number, a, b, kind, label): kind "within" (|a − b| ≤ MARGIN) or "ahead" (a − b > 0)
-COMPARISONS = [(1, "linear_block_out", "full", "within", "post-block − full fine-tuning"),
-               (2, "linear_block_out", "linear_mlp_out", "ahead", "post-block − post-MLP"),
-               (2, "linear_block_out", "linear_attn_out", "ahead", "post-block − pre-MLP"),
-               (3, "joint", "lora", "ahead", "joint − LoRA"),
-               (3, "joint", "linear_block_out", "ahead", "joint − post-block")]
-CLAIMS = {1: "1. post-block ≈ full fine-tuning", 2: "2. post-block ahead of post-MLP, pre-MLP",
-          3: "3. joint ahead of LoRA and of post-block"}
+LABEL = {"linear_block_out": "post-block", "full": "full fine-tuning", "linear_mlp_out": "post-MLP",
+         "linear_attn_out": "pre-MLP", "joint": "joint", "lora": "LoRA"}
 
 
 def seed_averages(results, method):
@@ -68,33 +62,16 @@ def difference(results, a, b):
     return 100 * diffs.mean(), 100 * 1.96 * np.sqrt(prompt_se ** 2 + seed_se ** 2)
 
 
-def verdict(kind, diff, half):
-    """The claim's word from the interval [diff − half, diff + half] (points)."""
-    low, high = diff - half, diff + half
-    if kind == "ahead":
-        holds, fails = low > 0, high <= 0
-    else:
-        holds, fails = -MARGIN <= low and high <= MARGIN, high < -MARGIN or low > MARGIN
-    if holds:
-        return "holds"
-    return "does not hold" if fails else f"cannot tell at ±{half:.1f}"
-
-
-def combined(words):
-    """A claim made of several comparisons: holds if all hold, fails if any fails."""
-    if all(w == "holds" for w in words):
-        return "holds"
-    return "does not hold" if "does not hold" in words else "cannot tell"
-
-
 def verdicts(results):
-    """-> ([(claim, label, diff, half, word)] per comparison, {claim: combined word})."""
+    """-> ([(claim, label, diff, half, word)] per comparison of tools/stats.CLAIMS, {claim: word});
+    the words are tools/stats.verdict's and tools/stats.combined's."""
     rows = []
-    for claim, a, b, kind, label in COMPARISONS:
+    for claim, a, b, kind in CLAIMS:
         diff, half = difference(results, a, b)
-        rows.append((claim, label, diff, half, verdict(kind, diff, half)))
-    words = {c: combined([w for claim, *_, w in rows if claim == c]) for c in CLAIMS}
-    return rows, words
+        label = f"{LABEL[a]} − {LABEL[b]}"
+        rows.append((claim, label, diff, half, verdict(kind, diff - half, diff + half)))
+    claims = list(dict.fromkeys(claim for claim, *_ in CLAIMS))        # the three, in order
+    return rows, {claim: combined([r[-1] for r in rows if r[0] == claim]) for claim in claims}
 
 
 def draw(models):
@@ -102,24 +79,25 @@ def draw(models):
     the claim's combined verdict per model in the right-hand column."""
     with plt.rc_context({"font.size": 12}):
         fig, ax = plt.subplots(figsize=(7.4, 5.2))
-        labels = [label for *_, label in COMPARISONS]
+        labels = [label for _, label, *_ in next(iter(models.values()))[0]]
         y = np.arange(len(labels))[::-1]
         for i, (name, (rows, _)) in enumerate(models.items()):
             diffs, halves = [r[2] for r in rows], [r[3] for r in rows]
             ax.errorbar(diffs, y + 0.15 - 0.3 * i, xerr=halves, fmt="os"[i], capsize=4, label=name)
         ax.axvline(0, color="gray", lw=1)
-        ax.axvspan(-MARGIN, MARGIN, color="gray", alpha=0.15)
+        ax.axvspan(-1, 1, color="gray", alpha=0.15)                 # "within 1 point"
         ax.set(yticks=y, yticklabels=labels, xlabel="a − b, test accuracy (points), ~95% interval")
-        lines = [f"{CLAIMS[c]}\n    " + "; ".join(f"{name.split(':')[0]}: {words[c]}"
-                                                  for name, (_, words) in models.items())
-                 for c in CLAIMS]
+        claims = list(next(iter(models.values()))[1])
+        lines = [f"{i}. {claim}\n    " + "; ".join(f"{name.split(':')[0]}: {words[claim]}"
+                                                 for name, (_, words) in models.items())
+                 for i, claim in enumerate(claims, 1)]
         fig.text(0.01, -0.02, "The paper's three claims, verdicts:\n" + "\n".join(lines), va="top")
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=1, frameon=False)
     return fig
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw the paper's three claims with verdicts.")
+    parser = OneLineParser(description="Draw the paper's three claims with verdicts.")
     parser.add_argument("--nano", default="results/compare/results.json")
     parser.add_argument("--smollm2", default="results/smollm2/compare/results.json")
     parser.add_argument("--out", default="docs/claims.png")

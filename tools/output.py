@@ -8,7 +8,6 @@ Redraw the figures of a committed equivalence.json (e.g. SmolLM2's) without reru
 
     python tools/output.py results/smollm2/equivalence.json docs --suffix _smollm2
 """
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
 from model import write_files  # noqa: E402
+from runtime import OneLineParser  # noqa: E402
 from tools.fits import KINDS, RANK, SITES  # noqa: E402
 
 SLIDE = {"font.size": 12}                       # every text of a figure: 12 pt or more
@@ -89,7 +89,7 @@ def figure_writers(r, eps, suffix=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Redraw the figures of an equivalence.json.")
+    parser = OneLineParser(description="Redraw the figures of an equivalence.json.")
     parser.add_argument("json", help="an equivalence.json, e.g. results/smollm2/equivalence.json")
     parser.add_argument("out", help="folder for first_order, sites and mlp_share .png")
     parser.add_argument("--suffix", default="",

@@ -163,7 +163,7 @@ def lora_plan(model, rank, alpha, targets, layers):
         if target not in names:
             raise ValueError(f"unknown LoRA target {target!r}: this model's Linear layers are "
                              f"{', '.join(names)}")
-    chosen = [f for f in found if f[3] in targets or f[1] in targets]
+    chosen = [f for f in found if f[3] in targets or f[1] in targets]    # by name or by path
     shapes = {path: tuple(child.weight.shape) for _, path, _, _, child in chosen}
     narrowest = min(shapes, key=lambda path: min(shapes[path]))
     limit = min(shapes[narrowest])

@@ -66,8 +66,9 @@ CASES = {
     "train: missing data": ("train.py", TRAIN + ["--data", "{missing}"]),
     "train: data is a folder": ("train.py", TRAIN + ["--data", "{folder}"], "folder"),
     "train: resume without resume.pt": ("train.py", TRAIN + ["--resume"]),
-    "train: diverged run": ("train.py", ["--mode", "pretrain", "--lr", "1e6", "--steps", "3", "--batch-size", "2",
-                                         "--n-train", "8", "--n-eval", "4", "--out-dir", "{out}"], "loss"),
+    "train: diverged run": ("train.py", ["--mode", "pretrain", "--lr", "1e6", "--steps", "3",
+                                         "--batch-size", "2", "--n-train", "8", "--n-eval", "4",
+                                         "--out-dir", "{out}"], "loss"),
     # sample.py
     "sample: missing init": ("sample.py", SAMPLE + ["--init", "{missing}"]),
     "sample: corrupt init": ("sample.py", SAMPLE + ["--init", "{corrupt}"]),
@@ -121,11 +122,11 @@ class Hostile:
 
 def make_arena(root):
     """Every file the cases name, under root. -> {placeholder: path}."""
-    paths = {name: os.path.join(root, name) for name in
-             ("base", "out", "file", "folder", "missing", "corrupt", "hostile", "selfref", "zero_heads",
-              "nan_weights", "hf_no_weights", "hf_hostile", "damaged_adapters", "other_adapters")}
-    paths = {k: v + ".pt" if k not in ("out", "file", "folder", "hf_no_weights", "hf_hostile") else v
-             for k, v in paths.items()}
+    checkpoints = ("base", "missing", "corrupt", "hostile", "selfref", "zero_heads", "nan_weights",
+                   "damaged_adapters", "other_adapters")
+    paths = {name: os.path.join(root, name + ".pt") for name in checkpoints}
+    for name in ("out", "file", "folder", "hf_no_weights", "hf_hostile"):
+        paths[name] = os.path.join(root, name)
     paths["marker"] = os.path.join(root, "CODE-RAN")
     torch.manual_seed(0)
     base = GPT(GPTConfig(**TINY_CONFIG))
@@ -144,15 +145,17 @@ def make_arena(root):
     torch.save({"config": {}, "model": Hostile(paths["marker"]), "tokenizer": "bytes"}, paths["hostile"])
     base.save(paths["selfref"], tokenizer=paths["selfref"])                  # its tokenizer: itself
     state = base.state_dict()
-    torch.save(dict(config={**TINY_CONFIG, "n_head": 0}, model=state, tokenizer="bytes"), paths["zero_heads"])
-    torch.save(dict(config=dict(TINY_CONFIG), model={k: torch.full_like(v, float("nan")) for k, v in
-                                                     state.items()}, tokenizer="bytes"), paths["nan_weights"])
+    zero_heads = dict(config={**TINY_CONFIG, "n_head": 0}, model=state, tokenizer="bytes")
+    torch.save(zero_heads, paths["zero_heads"])
+    nan_state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    torch.save(dict(config=dict(TINY_CONFIG), model=nan_state, tokenizer="bytes"), paths["nan_weights"])
     hf_config = dict(model_type="gpt2", n_positions=128, vocab_size=257, n_layer=2, n_head=2, n_embd=32)
     for folder in ("hf_no_weights", "hf_hostile"):
         os.makedirs(paths[folder])
         with open(os.path.join(paths[folder], "config.json"), "w") as f:
             json.dump(hf_config, f)
-    torch.save({"wte.weight": Hostile(paths["marker"])}, os.path.join(paths["hf_hostile"], "pytorch_model.bin"))
+    hostile_bin = os.path.join(paths["hf_hostile"], "pytorch_model.bin")
+    torch.save({"wte.weight": Hostile(paths["marker"])}, hostile_bin)
     make_adapters(paths)
     return paths
 
@@ -183,7 +186,8 @@ def outcomes(tmp_path_factory):
     paths = make_arena(root)
     results = {}
     for script in sorted({case[0] for case in CASES.values()}):
-        cases = {name: [a.format(**paths) for a in case[1]] for name, case in CASES.items() if case[0] == script}
+        cases = {name: [a.format(**paths) for a in case[1]]
+                 for name, case in CASES.items() if case[0] == script}
         proc = run_script("tests/test_fuzz.py", script, root, json.dumps(cases), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.update(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -192,7 +196,8 @@ def outcomes(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_argument_or_file_stops_in_one_line_and_changes_nothing(outcomes, case):
-    if case.startswith("equivalence: default init") and os.path.exists(os.path.join(ROOT, "out/base/model.pt")):
+    default_init = os.path.join(ROOT, "out", "base", "model.pt")
+    if case.startswith("equivalence: default init") and os.path.exists(default_init):
         pytest.skip("out/base/model.pt exists here, so the default --init is not missing")
     result = outcomes[case]
     lines = result["stderr"].strip().splitlines()
@@ -305,7 +310,9 @@ def drive(script, root, cases):
     return results
 
 
-if __name__ == "__main__":                      # 4 GiB: a case that allocates without bound fails fast
+if __name__ == "__main__":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""     # the cases run on the CPU, as cheaply as they can
+    # 4 GiB of address space: a case that allocates without bound fails fast instead
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     outcome = drive(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
     sys.stdout.write("\n" + json.dumps(outcome) + "\n")

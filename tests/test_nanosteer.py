@@ -2,7 +2,8 @@
 Tests of nanosteer.py: every adapter starts as an exact no-op, LoRA is an exact activation shift
 (THEORY §3) and merges into the weights, ReFT keeps R orthonormal, the joint constraint of
 THEORY §7, each slot acts only downstream of its site, one-line errors, the parameter report,
-steered generation, and tiny adapter files that reload exactly.
+steered generation, tiny adapter files that reload exactly, and misuse refused in one line before
+anything changes (wrong types, typos, a layer already adapted, damaged files, other base weights).
 
 Run:  python -m pytest tests/test_nanosteer.py -q
 """
@@ -523,7 +524,7 @@ def test_loading_a_file_that_is_not_an_adapter_file_is_a_one_line_error(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# hazards found by a careful reader (issue 13)
+# hazards found by a careful reader
 
 
 @pytest.mark.parametrize("with_shift", [False, True])

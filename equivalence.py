@@ -21,7 +21,7 @@ import checkpoints
 import nanosteer as ns
 import tasks
 from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
-                        random_update, updated, where_to_steer, wproj_zero)  # fit_shift: notebooks
+                        random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: notebooks
 from tools.output import check_out, figure_writers, shown, write_json
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
 from runtime import OneLineParser
@@ -42,14 +42,14 @@ def bridge_error(block, x, rank=RANK):
         lora = ns.LoRALinear(shifted.get_submodule(path), rank, alpha=rank).to(x)
         lora.lora_B.normal_(std=0.02)                     # (B = 0 at init; a trained one has B ≠ 0)
         shifted.set_submodule(path, lora)                 # e.g. path "mlp.c_fc"
-        merged = updated(block, {path + ".weight": lora.scale * lora.lora_B @ lora.lora_A})
+        merged = with_update(block, {path + ".weight": lora.scale * lora.lora_B @ lora.lora_A})
         worst = max(worst, (shifted(x) - merged(x)).abs().max().item())  # (W + ΔW) x == W x + ΔW x
     return worst
 
 # ---- THEORY §4: first-order transport through the MLP -----------------------------------------
 def linear_change(d, name, h):                   # ΔW h + Δb: how the Linear `name` moves (§3)
     return h @ d[name + ".weight"].T + d.get(name + ".bias", 0.0)
-def moved(block, direction, e):                  # the parameters θ + εΔ
+def shifted_params(block, direction, e):          # the parameters θ + εΔ
     return {k: block.get_parameter(k) + e * d for k, d in direction.items()}
 
 def mlp_first_order(mlp, h, d, proj_term=True):
@@ -68,7 +68,7 @@ def mlp_first_order(mlp, h, d, proj_term=True):
 def closed_form_change(block, direction, x, proj_term=True):
     """δz of an MLP-only update ("mlp." names) by the closed form: p does not move, so δz = δy."""
     d = {k.removeprefix("mlp."): v for k, v in direction.items()}
-    return mlp_first_order(block.mlp, block.run(x, "mlp_in")[1], d, proj_term)
+    return mlp_first_order(block.mlp, block.probe(x, "mlp_in")[1], d, proj_term)
 def jvp_change(block, direction, x):             # d/dε block(x; θ + εΔ) at ε = 0, by autodiff
     params = {k: block.get_parameter(k).detach() for k in direction}
     with sdpa_kernel(SDPBackend.MATH):           # the fused CPU attention kernel has no forward AD
@@ -78,8 +78,8 @@ def jvp_change(block, direction, x):             # d/dε block(x; θ + εΔ) at 
 def first_order_errors(block, x, direction, predict=jvp_change, eps=EPS):
     """max |z(θ + εΔ) − z(θ) − ε·predict(Δ)| per ε: ~ε² if predict is the whole first-order term."""
     z, dz = block(x), predict(block, direction, x)
-    z_moved = [functional_call(block, moved(block, direction, e), (x,)) for e in eps]
-    return [(z_e - z - e * dz).abs().max().item() for z_e, e in zip(z_moved, eps)]
+    z_shifted = [functional_call(block, shifted_params(block, direction, e), (x,)) for e in eps]
+    return [(z_e - z - e * dz).abs().max().item() for z_e, e in zip(z_shifted, eps)]
 
 def first_order(model, x, layer, kind, eps=EPS):
     """One MLP kind (the model's block, else a fresh one), updates with biases: jvp's error slope
@@ -92,8 +92,8 @@ def first_order(model, x, layer, kind, eps=EPS):
     closed, auto = closed_form_change(block, d_mlp, x), jvp_change(block, d_mlp, x)
     h = 1e-4 if x.dtype == torch.float64 else 1e-2    # central differences: error ~h² + ulp/h
     with torch.no_grad():                             # (z(θ + hΔ) − z(θ − hΔ)) / 2h
-        diff = (functional_call(block, moved(block, d_mlp, h), (x,))
-                - functional_call(block, moved(block, d_mlp, -h), (x,))) / (2 * h)
+        diff = (functional_call(block, shifted_params(block, d_mlp, h), (x,))
+                - functional_call(block, shifted_params(block, d_mlp, -h), (x,))) / (2 * h)
     control = first_order_errors(block, x, d_mlp, partial(closed_form_change, proj_term=False), eps)
     slope = [float(np.polyfit(np.log(eps), np.log(e), 1)[0]) for e in (errors, control)]
     return dict(errors=errors, slope=slope[0], control_errors=control, control_slope=slope[1],
@@ -116,7 +116,7 @@ def projection_error(block, x, rank=RANK, seed=0):
     post_mlp.U.copy_(torch.randn(d, rank, generator=g))   # U = 0 at init; any U D will do
     post_block = copy.deepcopy(post_mlp)
     post_block.D.copy_(post_mlp.D @ (I - Pi))             # U D (I − Π) z = U D y when Π z = p
-    gaps = [(b.run(xx, "mlp_out", post_mlp)[0] - b.run(xx, "block_out", post_block)[0]).abs().max()
+    gaps = [(b.probe(xx, "mlp_out", post_mlp)[0] - b.probe(xx, "block_out", post_block)[0]).abs().max()
             for b, xx in ((split, x @ Pi), (block, x))]   # x Π: the incoming stream in col(Π)
     return gaps[0].item(), gaps[1].item()
 
@@ -125,7 +125,7 @@ def skip_share(block, x, update):
     """THEORY §5: δz = δp + δy, so ⟨δp, δz⟩/‖δz‖² + ⟨δy, δz⟩/‖δz‖² = 1. The skip share, the first
     term, is a projection coefficient, not a fraction: < 0 where δp points against δz, > 1 where
     δy does. -> (over all tokens, per token: min, max, the share of tokens outside [0, 1])."""
-    (z_ft, p_ft), (z, p) = updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    (z_ft, p_ft), (z, p) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
     dp, dz = (p_ft - p).flatten(0, -2), (z_ft - z).flatten(0, -2)      # (tokens, d)
     t = (dp * dz).sum(-1) / (dz * dz).sum(-1)
     return ((dp * dz).sum() / (dz * dz).sum()).item(), dict(
@@ -145,7 +145,7 @@ def oracle_demo(model, idx, layer, seed=0):
     the base model replays the tuned logits (a sanity check, z + (z_FT − z) = z_FT, of where the
     slots sit and of ns.oracle's convention); the oracle's rank and fits at `layer`."""
     blocks = model.transformer.h
-    tuned = updated(model, {f"transformer.h.{i}.{name}": delta for i, block in enumerate(blocks)
+    tuned = with_update(model, {f"transformer.h.{i}.{name}": delta for i, block in enumerate(blocks)
                             for name, delta in random_update(block, seed + i).items()})
     deltas = ns.oracle(model, tuned, idx)
     with torch.no_grad(), ns.capture(tuned, ["block_out"]) as acts:    # z_FT,ℓ, layer by layer

@@ -238,14 +238,14 @@ class Block(nn.Module):
     def forward(self, x):
         # THEORY §1, one line per site; an empty slot passes its input through.
         a = self.slots["attn_out"](self.attn(self.ln_1(x)))            # (B, T, C)
-        r = self.slots["resid_mid"](x + a)                              # (B, T, C)
-        h = self.slots["mlp_in"](self.ln_2(r))                          # (B, T, C)
+        p = self.slots["resid_mid"](x + a)                              # (B, T, C)
+        h = self.slots["mlp_in"](self.ln_2(p))                          # (B, T, C)
         m = self.slots["mlp_hidden"](self.mlp.hidden(h))                # (B, T, d_mlp)
         y = self.slots["mlp_out"](self.mlp.project(m))                  # (B, T, C)
-        z = self.slots["block_out"](r + y)                              # (B, T, C)
+        z = self.slots["block_out"](p + y)                              # (B, T, C)
         return z
 
-    def run(self, x, site, shift=None):
+    def probe(self, x, site, shift=None):
         """self(x) with `shift` in the slot at `site` for this call only -> (output, activation at
         site). The model never calls it; equivalence.py and the notebooks use it to probe one site."""
         slot = self.slots[site]

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import signal
+import tempfile
 from contextlib import nullcontext
 
 import torch
@@ -147,21 +148,31 @@ def load_resume(path, config, model, optimizer, batches):
 # checks that come before any work
 
 
-def check_out_dir(out_dir, init=None):
-    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
-    the checkpoint the run starts from (its model.pt could be written over)."""
+def check_out_dir(out_dir, init=None, writes=()):
+    """An output folder must be a folder we can write (it may not exist yet), and none of the files
+    a run `writes` there may be the checkpoint the run starts from."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
     existing = out_dir
     while not os.path.exists(existing):                 # the nearest folder that exists must be writable
         existing = os.path.dirname(existing) or "."
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+    if not os.path.isdir(existing) or not can_write_in(existing):
         raise ValueError(f"--out-dir {out_dir} cannot be written ({existing} is not a writable folder): "
                          "choose another --out-dir")
     if init is not None and os.path.isfile(init):
-        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
+        outputs = {os.path.realpath(os.path.join(out_dir, name)) for name in writes}
+        if os.path.realpath(init) in outputs:
             raise ValueError(f"--out-dir {out_dir} holds the --init checkpoint {init}, which the run "
                              "would write over: choose another --out-dir")
+
+
+def can_write_in(folder):
+    """Try it: os.access says yes to root even on a read-only file system."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_finite(losses, step):

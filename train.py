@@ -177,7 +177,9 @@ def check_numbers(config):
 
 def check_files(config):
     """Files to read exist, the output folder can be written, a resume file is there if asked for."""
-    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
+    writes = ("model.pt" if saves_whole_model(config) else "adapters.pt", "results.json", "outcomes.json",
+              "loss.png", "resume.pt")
+    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init, writes)
     if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
         raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
     if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != BASE_CHECKPOINT \

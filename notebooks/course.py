@@ -109,7 +109,7 @@ def oracle_inputs(base, tuned, idx, site):
         tuned(idx)
     streams = [base.embed(idx)] + acts["block_out"][:-1]        # z_FT,ℓ−1 (ns.oracle's convention)
     deltas = ns.oracle(base, tuned, idx)
-    return [(block.run(x, site)[1].flatten(0, 1), delta.flatten(0, 1))
+    return [(block.probe(x, site)[1].flatten(0, 1), delta.flatten(0, 1))
             for block, x, delta in zip(base.transformer.h, streams, deltas)]
 
 
@@ -130,7 +130,7 @@ def steered_logits(base, tuned, idx, site=None, shifts=None):
     shifts = shifts or [None] * base.config.n_layer
     z = base.embed(idx)
     for block, shift in zip(base.transformer.h, shifts):
-        z = block.run(z, site, shift)[0] if shift is not None else block(z)
+        z = block.probe(z, site, shift)[0] if shift is not None else block(z)
     return tuned.lm_head(tuned.transformer.ln_f(z))
 
 
@@ -253,13 +253,13 @@ def solution_1_1(block, x, d_mlp):
     """Exercise 1.1: the first-order formula with the erf GELU's derivative in term 2. -> dict(eps, errors,
     slope over the three largest ε (≈ 2), over the three smallest (≈ 1), max |gelu' − erf gelu'|)."""
     def formula(b, direction, xx):
-        h = b.run(xx, "mlp_in")[1]
+        h = b.probe(xx, "mlp_in")[1]
         u = b.mlp.c_fc(h)
         dm = erf_gelu_prime(u) * (h @ direction["mlp.c_fc.weight"].T)
         return b.mlp.hidden(h) @ direction["mlp.c_proj.weight"].T + dm @ b.mlp.c_proj.weight.T
     direction, eps = {"mlp." + k: v for k, v in d_mlp.items()}, [10.0 ** (-k / 2) for k in range(2, 13)]
     errors = eq.first_order_errors(block, x, direction, formula, eps)    # ε from 1e-1 down to 1e-6
-    u = block.mlp.c_fc(block.run(x, "mlp_in")[1])
+    u = block.mlp.c_fc(block.probe(x, "mlp_in")[1])
     slope = [float(np.polyfit(np.log(eps[i:i + 3]), np.log(errors[i:i + 3]), 1)[0])
              for i in (0, len(eps) - 3)]
     return dict(eps=eps, errors=errors, slope_large=slope[0], slope_small=slope[1],
@@ -272,7 +272,7 @@ def solution_1_2(block, x, d_mlp):
     W_proj alone (term 1's) -> {update: {site: share recovered by a rank-4 linear steer}}."""
     parts = {"W_fc only (term 2)": {"mlp.c_fc.weight": d_mlp["c_fc.weight"]},
              "W_proj only (term 1)": {"mlp.c_proj.weight": d_mlp["c_proj.weight"]}}
-    target = {name: eq.updated(block, update)(x) for name, update in parts.items()}
+    target = {name: eq.with_update(block, update)(x) for name, update in parts.items()}
     return {name: {site: eq.fit_shift(block, site, "linear", x, target[name])[1]
                    for site in ("mlp_in", "attn_out")} for name in parts}
 

@@ -119,10 +119,10 @@ def test_wproj_zero_makes_post_mlp_steers_constant():
     out = eq.wproj_zero(block, x)
     assert out["y_variance"] <= 1e-20
     assert out["block_out"] > out["mlp_out"] + 0.1
-    base = eq.updated(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})
+    base = eq.with_update(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})
     shift = ns.NonlinearShift(32, 4, "silu").double()
     torch.nn.init.normal_(shift.U)
-    steer = shift(base.run(x, "mlp_out")[1]).flatten(0, -2)    # any Δ(y) is one vector
+    steer = shift(base.probe(x, "mlp_out")[1]).flatten(0, -2)    # any Δ(y) is one vector
     assert steer.var(0).max() <= 1e-20
 
 
@@ -254,7 +254,7 @@ def test_the_skip_share_is_a_projection_coefficient_that_leaves_0_1_on_some_toke
     every, per_token = eq.skip_share(block, x, update)
     assert abs(every - eq.where_to_steer(block, x, update, sites=("block_out",))[1]) <= 1e-12  # one definition
     # token by token, independently: <δp_t, δz_t> / |δz_t|^2
-    (z_ft, p_ft), (z, p) = eq.updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    (z_ft, p_ft), (z, p) = eq.with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
     dp, dz = (p_ft - p).reshape(-1, 32), (z_ft - z).reshape(-1, 32)
     ratios = [float(a @ b / (b @ b)) for a, b in zip(dp, dz)]
     assert per_token["min"] == pytest.approx(min(ratios)) and per_token["max"] == pytest.approx(max(ratios))

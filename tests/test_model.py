@@ -250,6 +250,6 @@ def test_block_run_empties_the_slot_even_when_the_forward_raises():
     def broken(s):
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        block.run(torch.randn(1, 3, 32), "mlp_out", broken)
+        block.probe(torch.randn(1, 3, 32), "mlp_out", broken)
     slot = block.slots["mlp_out"]
     assert slot.shift is None and slot.recording is False and slot.activation is None

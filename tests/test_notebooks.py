@@ -79,7 +79,7 @@ def test_notebook_shape(path):
     for i, (kind, source) in enumerate(nb):
         magic = [line for line in source.splitlines() if kind == "code" and line.lstrip()[:1] in ("%", "!")]
         assert not magic, f"{path.name} cell {i}: IPython magic {magic[0]!r}; the cells must be plain Python"
-        assert "equivalence.run" not in source and "eq.run" not in source, f"{path.name} cell {i}: eq.run is Block.run"
+        assert "equivalence.run" not in source and "eq.run" not in source, f"{path.name} cell {i}: eq.run is Block.probe"
 
 
 def png_width(data):
@@ -369,7 +369,7 @@ def test_solution_1_1_a_wrong_derivative_shows_slope_1_at_small_eps(tiny):
     model, _, x = tiny
     block = model.transformer.h[1]
     with torch.no_grad():                       # pre-activations of order 1, where the two GELUs differ
-        big = eq.updated(block, {"mlp.c_fc.weight": 20 * block.mlp.c_fc.weight})
+        big = eq.with_update(block, {"mlp.c_fc.weight": 20 * block.mlp.c_fc.weight})
     r = course.solution_1_1(big, x, eq.random_update(big.mlp, seed=2))
     assert 1e-4 < r["mismatch"] < 1e-2
     assert abs(r["slope_small"] - 1) < 0.15 and r["slope_large"] > r["slope_small"] + 0.3, r
@@ -391,7 +391,7 @@ def test_solution_1_3_lora_on_c_fc_is_rank_4_before_gelu_and_not_after(tiny):
 
 def test_solution_2_1_leaving_out_one_oracle_breaks_the_stream_from_there_on(tiny):
     model, idx, _ = tiny
-    tuned = eq.updated(model, {f"transformer.h.{i}.{n}": d for i, b in enumerate(model.transformer.h)
+    tuned = eq.with_update(model, {f"transformer.h.{i}.{n}": d for i, b in enumerate(model.transformer.h)
                                for n, d in eq.random_update(b, i).items()})
     gaps = course.solution_2_1(model, tuned, idx, leave_out=1)
     assert gaps[0] < 1e-10 < 1e-3 < gaps[1], gaps

@@ -29,7 +29,7 @@ def random_update(module, seed, rank=RANK, biases=False):
 
 
 @torch.no_grad()
-def updated(module, update):
+def with_update(module, update):
     """A copy of module with θ ← θ + Δθ."""
     module = copy.deepcopy(module)
     for name, delta in update.items():
@@ -42,7 +42,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
     and the share recovered, 1 − ‖z_steered − target‖² / ‖z − target‖². A nonlinear shift starts
     from the linear fit."""
     torch.manual_seed(0)
-    s, delta = block.run(x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)
+    s, delta = block.probe(x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)
     shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu").to(x)
     if kind == "nonlinear":     # silu(a) ≈ a/2 near 0, so (2/c) U silu(c D s) ≈ U D s for small c
         linear = fit_shift(block, site, "linear", x, target, rank)[0].requires_grad_(False)
@@ -55,7 +55,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
         shift.U = torch.nn.Parameter(Vt.T.contiguous())           # rank least squares)
 
     def loss():
-        return ((block.run(x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
+        return ((block.probe(x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
 
     def closure():
         opt.zero_grad()
@@ -71,7 +71,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
 def where_to_steer(block, x, update, sites=SITES):
     """({site: {kind: share recovered}}, skip share ⟨δr, δz⟩ / ‖δz‖²) for an update of the block.
     THEORY §5: z = r + y, so δz = δr + δy; the skip share is the part δr carries."""
-    (target, r_tuned), (z, r) = updated(block, update).run(x, "resid_mid"), block.run(x, "resid_mid")
+    (target, r_tuned), (z, r) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
     table = {site: {kind: fit_shift(block, site, kind, x, target)[1] for kind in KINDS}
              for site in sites}
     return table, (((r_tuned - r) * (target - z)).sum() / ((target - z) ** 2).sum()).item()
@@ -79,10 +79,10 @@ def where_to_steer(block, x, update, sites=SITES):
 
 def wproj_zero(block, x, seed=0):
     """THEORY §5 with W_proj = 0: y = b_proj for every token, so a post-MLP steer is a constant."""
-    base = updated(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})      # W_proj ← 0
+    base = with_update(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})      # W_proj ← 0
     table, _ = where_to_steer(base, x, random_update(block, seed), ("mlp_out", "block_out"))
     return dict(mlp_out=max(table["mlp_out"].values()), block_out=table["block_out"]["linear"],
-                y_variance=base.run(x, "mlp_out")[1].flatten(0, -2).var(0).max().item())
+                y_variance=base.probe(x, "mlp_out")[1].flatten(0, -2).var(0).max().item())
 
 
 def rank90(a):

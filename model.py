@@ -359,13 +359,13 @@ class GPT(nn.Module):
     def save(self, path, tokenizer="bytes"):
         """Write config + weights + the tokenizer's name (checkpoints.load reads it) to path, via a
         temporary file and a rename, so a crash never leaves half a checkpoint behind. Only a bare
-        model is saved: adapters go to their own file (nanosteer.save) or into the weights first."""
+        model is saved: adapters go to their own file (adapters.save) or into the weights first."""
         with torch.device("meta"):                                   # the bare model's names, no memory
             bare = set(GPT(self.config).state_dict())
         extra = [k for k in self.state_dict() if k not in bare]
         if extra:
             raise ValueError(f"this model holds adapters ({len(extra)} tensors such as {extra[0]}): save "
-                             "them with nanosteer.save, or merge/fold them into the weights first")
+                             "them with adapters.save, or merge/fold them into the weights first")
         payload = dict(config=asdict(self.config), model=self.state_dict(), tokenizer=tokenizer)
         write_atomically(path, lambda tmp: torch.save(payload, tmp))
 

@@ -148,9 +148,9 @@ def load_resume(path, config, model, optimizer, batches):
 # checks that come before any work
 
 
-def check_out_dir(out_dir, init=None, writes=()):
-    """An output folder must be a folder we can write (it may not exist yet), and none of the files
-    a run `writes` there may be the checkpoint the run starts from."""
+def check_out_dir(out_dir, init=None):
+    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
+    the checkpoint the run starts from (a run's files there could replace or be mistaken for it)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
     existing = out_dir
@@ -160,10 +160,9 @@ def check_out_dir(out_dir, init=None, writes=()):
         raise ValueError(f"--out-dir {out_dir} cannot be written ({existing} is not a writable folder): "
                          "choose another --out-dir")
     if init is not None and os.path.isfile(init):
-        outputs = {os.path.realpath(os.path.join(out_dir, name)) for name in writes}
-        if os.path.realpath(init) in outputs:
+        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
             raise ValueError(f"--out-dir {out_dir} holds the --init checkpoint {init}, which the run "
-                             "would write over: choose another --out-dir")
+                             "could write over: choose another --out-dir")
 
 
 def can_write_in(folder):

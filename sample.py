@@ -21,8 +21,8 @@ import sys
 
 import torch
 
+import adapters
 import checkpoints
-import nanosteer
 from train import BASE_CHECKPOINT, pick_device
 
 
@@ -105,7 +105,7 @@ def sample(args):
     device = pick_device(args.device)
     model, enc = checkpoints.load(args.init)
     if args.adapters is not None:
-        nanosteer.load(model, args.adapters)        # into the slots and onto the weights it names
+        adapters.load(model, args.adapters)        # into the slots and onto the weights it names
     stop = set(getattr(enc, "stop_tokens", [enc.eot_token]))
     if args.chat:
         prompt = chat_prompt(enc, args.prompt, args.init)

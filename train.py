@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import adapters
 import checkpoints
 import nanosteer
 import runtime
@@ -177,9 +178,7 @@ def check_numbers(config):
 
 def check_files(config):
     """Files to read exist, the output folder can be written, a resume file is there if asked for."""
-    writes = ("model.pt" if saves_whole_model(config) else "adapters.pt", "results.json", "outcomes.json",
-              "loss.png", "resume.pt")
-    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init, writes)
+    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
     if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
         raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
     if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != BASE_CHECKPOINT \
@@ -381,7 +380,7 @@ def write_outputs(model, enc, config, results, hits):
     if saves_whole_model(config):
         files["model.pt"] = lambda tmp: model.save(tmp, tokenizer=enc.name)   # checkpoints.load reads it
     else:
-        files["adapters.pt"] = lambda tmp: nanosteer.save(model, tmp)
+        files["adapters.pt"] = lambda tmp: adapters.save(model, tmp)
     write_files(config.out_dir, files)
 
 

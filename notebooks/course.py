@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import adapters
 import checkpoints
 from tools import compare
 import equivalence as eq
@@ -319,10 +320,10 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
     """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(rank of each block's
     weight change per Linear (≤ rank: the bridge), where_to_steer table and skip share per block)."""
     argv = ["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq", "--init", checkpoint,
-            "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work]
+            "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"]
     with _quiet():
         train.train(train.resolve_args(train.parse_args(argv)))
-    tuned = ns.merge(ns.load(GPT.from_pretrained(checkpoint).double(), work + "/adapters.pt")).eval()
+    tuned = ns.merge(adapters.load(GPT.from_pretrained(checkpoint).double(), work + "/run/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
                         base.config.block_size)

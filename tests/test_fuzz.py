@@ -162,17 +162,18 @@ def make_arena(root):
 
 def make_adapters(paths):
     """Adapters damaged (a tensor missing), and adapters trained on another base of one config."""
+    import adapters
     import nanosteer
     model = GPT.from_pretrained(paths["base"])
     nanosteer.steer(model, "block_out", "linear", rank=2)
-    nanosteer.save(model, paths["damaged_adapters"])
+    adapters.save(model, paths["damaged_adapters"])
     payload = torch.load(paths["damaged_adapters"], weights_only=True)
     payload["tensors"].pop(sorted(payload["tensors"])[0])
     torch.save(payload, paths["damaged_adapters"])
     torch.manual_seed(1)
     other = GPT(GPTConfig(**TINY_CONFIG))
     nanosteer.steer(other, "block_out", "vector")
-    nanosteer.save(other, paths["other_adapters"])
+    adapters.save(other, paths["other_adapters"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_saving_a_model_with_adapters_says_what_is_wrong_and_writes_nothing(tmp_
         model = random_model(tiny_config())
         attach(model)
         path = str(tmp_path / "model.pt")
-        with pytest.raises(ValueError, match="holds adapters .* nanosteer.save") as e:
+        with pytest.raises(ValueError, match="holds adapters .* adapters.save") as e:
             model.save(path)
         assert "\n" not in str(e.value) and not os.path.exists(path) and not os.path.exists(path + ".tmp")
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import adapters  # noqa: E402
 import nanosteer  # noqa: E402
 from model import GPT, SITES, GPTConfig  # noqa: E402
 from nanosteer import LoRALinear, capture, freeze, lora, merge, orthogonalize, report, steer  # noqa: E402
@@ -391,11 +392,11 @@ def test_save_load_round_trip_reproduces_logits(tmp_path):
     steer(model, "attn_out", "vector", layers=[1])
     steer(model, "mlp_out", "reft", rank=2, layers=[0])
     lora(model, rank=2, alpha=3.0, targets=("c_attn", "mlp.c_proj"))
-    adapters = nanosteer.adapter_parameters(model)
-    randomize(p for name, p in adapters.items() if not name.endswith(("D", "lora_A", "R_free")))
+    held = nanosteer.adapter_parameters(model)
+    randomize(p for name, p in held.items() if not name.endswith(("D", "lora_A", "R_free")))
     path = str(tmp_path / "adapters.pt")
-    nanosteer.save(model, path)
-    nanosteer.load(fresh, path)
+    adapters.save(model, path)
+    adapters.load(fresh, path)
     idx = tokens(config)
     assert torch.equal(logits_of(fresh, idx), logits_of(model, idx))
     assert fresh.transformer.h[0].slots["mlp_hidden"].shift.act == "tanh"  # recorded, not defaulted
@@ -410,9 +411,9 @@ def test_load_onto_a_mismatched_model_names_the_field(tmp_path, field, value):
     model = random_model(tiny_config())
     steer(model, "block_out", "linear", rank=4)
     path = str(tmp_path / "adapters.pt")
-    nanosteer.save(model, path)
+    adapters.save(model, path)
     other = random_model(tiny_config(**{field: value}))
-    one_line_error(f"{field}", nanosteer.load, other, path)
+    one_line_error(f"{field}", adapters.load, other, path)
 
 
 def test_adapter_file_is_tiny_and_holds_only_adapter_tensors(tmp_path):
@@ -424,7 +425,7 @@ def test_adapter_file_is_tiny_and_holds_only_adapter_tensors(tmp_path):
     freeze(model)
     steer(model, "post_block", "linear", rank=4)
     small = str(tmp_path / "adapters.pt")
-    nanosteer.save(model, small)
+    adapters.save(model, small)
     ratio = os.path.getsize(small) / os.path.getsize(full)
     assert ratio < 0.01, f"adapter file is {100 * ratio:.2f}% of the full checkpoint"
     payload = torch.load(small, map_location="cpu", weights_only=True)
@@ -507,10 +508,10 @@ def test_layers_may_be_one_int_and_load_ignores_dropout(tmp_path):
     model = random_model(tiny_config())
     (shift,) = steer(model, "mlp_out", "linear", 2, layers=1)
     randomize([shift.U])
-    nanosteer.save(model, str(tmp_path / "a.pt"))
+    adapters.save(model, str(tmp_path / "a.pt"))
     other = random_model(tiny_config(dropout=0.1))
     other.load_state_dict(model.state_dict(), strict=False)
-    nanosteer.load(other.eval(), str(tmp_path / "a.pt"))
+    adapters.load(other.eval(), str(tmp_path / "a.pt"))
     idx = tokens(tiny_config())
     torch.testing.assert_close(logits_of(other, idx), logits_of(model, idx))
 
@@ -519,7 +520,7 @@ def test_layers_may_be_one_int_and_load_ignores_dropout(tmp_path):
 def test_loading_a_file_that_is_not_an_adapter_file_is_a_one_line_error(tmp_path, content):
     (tmp_path / "bad.pt").write_bytes(content)
     with pytest.raises(ValueError, match="is not a nanosteer adapter file") as e:
-        nanosteer.load(random_model(tiny_config()), str(tmp_path / "bad.pt"))
+        adapters.load(random_model(tiny_config()), str(tmp_path / "bad.pt"))
     assert "\n" not in str(e.value)
 
 
@@ -537,14 +538,14 @@ def test_save_after_merge_is_refused_rather_than_losing_the_update(tmp_path, wit
     if with_shift:                                  # joint: the shifts alone would be saved
         randomize([s.U for s in steer(model, "block_out", "linear", rank=2)])
     path = tmp_path / "adapters.pt"
-    nanosteer.save(model, str(path))                # before merge: fine, and it reloads exactly
+    adapters.save(model, str(path))                # before merge: fine, and it reloads exactly
     idx = tokens(config)
     expected = logits_of(model, idx)
-    torch.testing.assert_close(logits_of(nanosteer.load(random_model(config), str(path)), idx), expected)
+    torch.testing.assert_close(logits_of(adapters.load(random_model(config), str(path)), idx), expected)
     path.unlink()
     merge(model)
     with pytest.raises(ValueError, match="LoRA is merged into this model's weights") as e:
-        nanosteer.save(model, str(path))
+        adapters.save(model, str(path))
     assert "\n" not in str(e.value) and not path.exists() and not (tmp_path / "adapters.pt.tmp").exists()
 
 
@@ -631,11 +632,11 @@ def test_save_makes_missing_folders_and_refuses_a_folder_or_a_file_in_the_way(tm
     model = random_model(tiny_config())
     steer(model, "block_out", "vector")
     path = tmp_path / "new" / "deeper" / "adapters.pt"
-    nanosteer.save(model, str(path))
-    assert nanosteer.adapter_parameters(nanosteer.load(random_model(tiny_config()), str(path)))
+    adapters.save(model, str(path))
+    assert nanosteer.adapter_parameters(adapters.load(random_model(tiny_config()), str(path)))
     assert os.listdir(path.parent) == ["adapters.pt"]                    # no temporary file left
-    one_line_error(r"cannot write .*new \(Is a directory", nanosteer.save, model, str(tmp_path / "new"))
-    one_line_error(r"cannot write .*x.pt \(File exists: .*adapters.pt\)", nanosteer.save, model,
+    one_line_error(r"cannot write .*new \(Is a directory", adapters.save, model, str(tmp_path / "new"))
+    one_line_error(r"cannot write .*x.pt \(File exists: .*adapters.pt\)", adapters.save, model,
                    str(path / "x.pt"))                                   # a file where a folder is wanted
     assert os.listdir(path.parent) == ["adapters.pt"]                    # nothing left behind
 
@@ -652,7 +653,7 @@ def saved_adapters(tmp_path, edit=None):
     steer(model, "block_out", "linear", rank=2)
     lora(model, 2, targets=("c_attn",), layers=[1])
     path = str(tmp_path / "adapters.pt")
-    nanosteer.save(model, path)
+    adapters.save(model, path)
     if edit is not None:
         payload = torch.load(path, weights_only=True)
         edit(payload)
@@ -696,7 +697,7 @@ def test_a_damaged_adapter_file_is_refused_in_one_line_and_the_model_is_untouche
     edit, match = BROKEN[name]
     path, model = saved_adapters(tmp_path, edit)
     before = snapshot(model)
-    one_line_error(match, nanosteer.load, model, path)
+    one_line_error(match, adapters.load, model, path)
     assert unchanged(model, before) and nanosteer.adapter_parameters(model) == {}
 
 
@@ -704,19 +705,19 @@ def test_adapters_made_on_other_base_weights_are_refused_unless_asked(tmp_path):
     path, same_base = saved_adapters(tmp_path)
     other_base = random_model(tiny_config(), seed=5)             # same config, other weights
     before = snapshot(other_base)
-    one_line_error("made on other base weights .* any_base=True", nanosteer.load, other_base, path)
+    one_line_error("made on other base weights .* any_base=True", adapters.load, other_base, path)
     assert unchanged(other_base, before)
-    nanosteer.load(other_base, path, any_base=True)             # asked for: loaded
+    adapters.load(other_base, path, any_base=True)             # asked for: loaded
     assert len(nanosteer.adapter_parameters(other_base)) == 2 * 2 + 2   # D, U per layer; A, B
-    nanosteer.load(same_base.double(), path)                    # the same base in float64: the same
-    nanosteer.load(random_model(tiny_config()).to(torch.bfloat16), path)  # and in bfloat16
+    adapters.load(same_base.double(), path)                    # the same base in float64: the same
+    adapters.load(random_model(tiny_config()).to(torch.bfloat16), path)  # and in bfloat16
 
 
 def test_load_onto_a_model_that_already_holds_an_adapter_changes_nothing(tmp_path):
     path, model = saved_adapters(tmp_path)
     steer(model, "mlp_out", "vector", layers=[1])               # an adapter elsewhere
     before = snapshot(model)
-    one_line_error("already holds adapters .*mlp_out", nanosteer.load, model, path)
+    one_line_error("already holds adapters .*mlp_out", adapters.load, model, path)
     assert unchanged(model, before)
     assert model.transformer.h[0].slots["block_out"].shift is None
 
@@ -734,8 +735,8 @@ class Hostile:
 def test_a_hostile_pickle_runs_no_code(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "adapters.pt"
-    torch.save({"format": nanosteer.FORMAT, "tensors": Hostile(str(marker))}, str(path))
-    one_line_error("is not a nanosteer adapter file", nanosteer.load, random_model(tiny_config()), str(path))
+    torch.save({"format": adapters.FORMAT, "tensors": Hostile(str(marker))}, str(path))
+    one_line_error("is not a nanosteer adapter file", adapters.load, random_model(tiny_config()), str(path))
     assert not marker.exists()
 
 

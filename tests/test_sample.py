@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adapters
 import nanosteer
 import sample
 from conftest import run_script
@@ -75,7 +76,7 @@ def test_the_same_seed_draws_the_same_tokens_and_another_seed_others(peaked):
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_base, tmp_path_factory):
+def adapter_file(tiny_base, tmp_path_factory):
     """An adapter file for tiny_base: a block_out shift with random U and a LoRA with random B."""
     model = nanosteer.freeze(GPT.from_pretrained(str(tiny_base)))
     torch.manual_seed(1)
@@ -85,7 +86,7 @@ def adapters(tiny_base, tmp_path_factory):
         for layer in nanosteer.lora(model, rank=2, targets=("mlp.c_proj",)):
             layer.lora_B.normal_(std=2.0)
     path = tmp_path_factory.mktemp("adapters") / "adapters.pt"
-    nanosteer.save(model, str(path))
+    adapters.save(model, str(path))
     return path
 
 
@@ -100,14 +101,14 @@ def greedy_by_hand(model, text, n):
     return enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
 
 
-def test_greedy_sample_py_continues_as_the_model_does_with_and_without_adapters(tiny_base, adapters):
+def test_greedy_sample_py_continues_as_the_model_does_with_and_without_adapters(tiny_base, adapter_file):
     prompt = "[MIN 8 5 9]>4?"
     argv = ["--init", str(tiny_base), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
             "--device", "cpu"]
     base = GPT.from_pretrained(str(tiny_base)).eval()
-    adapted = nanosteer.load(GPT.from_pretrained(str(tiny_base)), str(adapters)).eval()
+    adapted = adapters.load(GPT.from_pretrained(str(tiny_base)), str(adapter_file)).eval()
     plain, steered = sample.sample(sample.parse_args(argv)), sample.sample(sample.parse_args(
-        argv + ["--adapters", str(adapters)]))
+        argv + ["--adapters", str(adapter_file)]))
     assert plain == [greedy_by_hand(base, prompt, 12)] and steered == [greedy_by_hand(adapted, prompt, 12)]
     assert plain != steered                                    # the adapters do act
 
@@ -120,8 +121,8 @@ def test_sampled_text_is_seeded(tiny_base):
     assert len(one) == 3 and one == again and one != other
 
 
-def test_sample_py_prints_prompt_and_continuation(tiny_base, adapters):
-    argv = ["--init", tiny_base, "--adapters", adapters, "--prompt", "[MAX 1 2]=", "--temperature", "0",
+def test_sample_py_prints_prompt_and_continuation(tiny_base, adapter_file):
+    argv = ["--init", tiny_base, "--adapters", adapter_file, "--prompt", "[MAX 1 2]=", "--temperature", "0",
             "--max-new-tokens", "6", "--device", "cpu"]
     proc = run_script("sample.py", *argv)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import adapters
 import nanosteer
 from conftest import run_script, script_ok
 from model import GPT, GPTConfig
@@ -183,8 +184,8 @@ def test_full_fine_tuning_checkpoint_reproduces_its_accuracy_and_differs_from_th
 
 @pytest.mark.slow
 def test_block_out_adapter_file_is_under_one_percent_of_the_model(run, base):
-    adapters = run("linear_block_out").out / "adapters.pt"
-    assert os.path.getsize(adapters) < 0.01 * os.path.getsize(base.path)
+    adapter_file = run("linear_block_out").out / "adapters.pt"
+    assert os.path.getsize(adapter_file) < 0.01 * os.path.getsize(base.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +197,13 @@ def test_block_out_adapter_file_is_under_one_percent_of_the_model(run, base):
 def test_adapters_load_onto_the_base_and_reproduce_the_reported_accuracy(name, run, base):
     r = run(name)
     original = GPT.from_pretrained(str(base.path)).eval()
-    model = nanosteer.load(GPT.from_pretrained(str(base.path)), str(r.out / "adapters.pt")).eval()
+    model = adapters.load(GPT.from_pretrained(str(base.path)), str(r.out / "adapters.pt")).eval()
     # the base tensors of the adapted model are exactly the base file's; the rest are the adapters
     base_sd, sd = torch.load(base.path, weights_only=True)["model"], model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
-    adapters = nanosteer.adapter_parameters(model)
-    assert adapters and set(sd) - set(base_sd) == set(adapters)
-    assert sum(p.numel() for p in adapters.values()) == r.results["trainable_params"]
+    held = nanosteer.adapter_parameters(model)
+    assert held and set(sd) - set(base_sd) == set(held)
+    assert sum(p.numel() for p in held.values()) == r.results["trainable_params"]
     # the trained adapters do something: the logits move away from the base model's
     x, _ = pack(make_splits("boolq", 0)["test"][:16], byte_encoding(), model.config.block_size)
     with torch.no_grad():
@@ -217,7 +218,7 @@ def test_joint_mode_applies_the_orthogonality_constraint(run, base):
     """THEORY §7 through train.py: with --ortho-every 1 each block's D reads nothing of col(B) of
     its mlp.c_proj LoRA; with --ortho-every 0 it does."""
     def overlap(name):
-        model = nanosteer.load(GPT.from_pretrained(str(base.path)), str(run(name).out / "adapters.pt"))
+        model = adapters.load(GPT.from_pretrained(str(base.path)), str(run(name).out / "adapters.pt"))
         return max((block.slots["block_out"].shift.D @ torch.linalg.qr(block.mlp.c_proj.lora_B).Q).abs().max().item()
                    for block in model.transformer.h)
     assert overlap("joint") < 1e-5

@@ -383,3 +383,31 @@ def test_a_method_that_fails_at_every_rate_stops_with_one_message(tmp_path, monk
     full = [r for r in json.load(open(tmp_path / "out" / "runs" / "listops-full-lr1e-04-seed0" /
                                       "results.json"))["losses"]]
     assert full                                                    # trained, at the grown rate
+
+
+@needs_smollm2
+def test_the_verdict_budget_estimates_its_time_and_seeds_the_claims_methods(tmp_path, monkeypatch,
+                                                                           capsys):
+    stub = StubTrain()
+    monkeypatch.setattr(compare.train, "train", stub)
+    monkeypatch.setattr(compare.torch.cuda, "is_available", lambda: False)    # as on this CPU
+    args = compare.parse_args(["--init", "smollm2-135m", "--out-dir", str(tmp_path)])
+    assert (args.budget, args.steps, args.n_eval, args.seeds) == ("lm-verdict", 300, 2000, 3)
+    compare.main(args)
+    first_lines = capsys.readouterr().out.splitlines()[:2]
+    runs = json.load(open(tmp_path / "results.json"))["runs"]
+    plan = int(re.search(r": (\d+) runs", first_lines[0]).group(1))
+    assert plan == 10 * 3 + 5 * 2                       # a grid of 3 each; 2 more seeds for 5 methods
+    hours = [plan * 300 * compare.STEP_SECONDS[d] / 3600 for d in ("bfloat16", "float32")]
+    assert first_lines[1].startswith(f"training alone: about {hours[0]:.1f} h in bfloat16 or "
+                                     f"{hours[1]:.1f} h in float32")
+    for name in compare.METHODS:
+        seeds = sorted(r["seed"] for r in runs if r["method"] == name and r["phase"] == "final")
+        assert seeds == ([0, 1, 2] if name in compare.IN_CLAIMS else [0])
+    claims = {line.split(" | ")[0].strip("| "): line.split(" | ")
+              for line in (tmp_path / "results.md").read_text().splitlines() if " − " in line}
+    block = compare.LABEL["linear_block_out"]
+    assert claims[f"{block} − {compare.LABEL['full']}"][1] == "3"          # 3 seeds: no McNemar p
+    assert claims[f"{block} − {compare.LABEL['full']}"][4] == "–"
+    mlp_out = claims[f"{block} − {compare.LABEL['linear_mlp_out']}"]
+    assert mlp_out[1] == "1" and float(mlp_out[4]) <= 1.0                  # 1 seed: McNemar's p

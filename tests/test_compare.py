@@ -6,7 +6,8 @@ one line and the next start goes on. With train.py's training replaced by a stub
 test chooses (and which counts its calls): every method sweeps its own rate and the selection picks
 what it should; a finished run is never redone; train.log is kept; another configuration is
 refused unless --force; bad arguments are one line that changes nothing; default folders differ
-per checkpoint. The table's mean ± std agrees with an independent computation.
+per checkpoint; a diverged run loses its sweep and stops nothing else. (The table's statistics:
+tests/test_stats.py.)
 
 Run:  python -m pytest tests/test_compare.py -q          (add -m "not slow" for the fast ones)
 """
@@ -182,24 +183,6 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("| done before") == len(finished)       # not trained again
     assert (tmp_path / "train.log").read_text().count("$ python train.py") == 10   # once each
-
-
-def test_table_mean_and_std_match_an_independent_computation():
-    tasks, seeds = ["listops", "boolq"], [0, 1, 2]
-    acc = torch.rand(len(compare.METHODS), len(tasks), len(seeds), generator=torch.Generator().manual_seed(0))
-    finals = [dict(method=name, task=t, seed=s, accuracy=acc[m, i, s].item(), trainable_params=10 * m + 1,
-                   trainable_pct=float(m), train_seconds=1.0 + s, base_accuracy=0.25 * s)
-              for m, name in enumerate(compare.METHODS) for i, t in enumerate(tasks) for s in seeds]
-    majority = {(t, s): 0.5 for t in tasks for s in seeds}
-    rows = stats.summarize(finals, tasks, compare.METHODS, majority)
-    for m, name in enumerate(compare.METHODS):
-        for i, t in enumerate(tasks):
-            assert rows[name][t] == pytest.approx((acc[m, i].mean().item(), acc[m, i].std().item()), abs=1e-6)
-        per_seed = acc[m].mean(dim=0)                       # the average over tasks, seed by seed
-        assert rows[name]["average"] == pytest.approx((per_seed.mean().item(), per_seed.std().item()), abs=1e-6)
-        assert (rows[name]["params"], rows[name]["seconds"], rows[name]["seeds"]) == (10 * m + 1, 2.0, 3)
-    assert rows["base"]["listops"] == pytest.approx((0.25, 0.25))      # 0, 0.25, 0.5: std 0.25
-    assert rows["majority"]["average"] == (0.5, 0.0)
 
 
 def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test():
@@ -383,3 +366,31 @@ def test_a_method_that_fails_at_every_rate_stops_with_one_message(tmp_path, monk
     full = [r for r in json.load(open(tmp_path / "out" / "runs" / "listops-full-lr1e-04-seed0" /
                                       "results.json"))["losses"]]
     assert full                                                    # trained, at the grown rate
+
+
+@needs_smollm2
+def test_the_verdict_budget_estimates_its_time_and_seeds_the_claims_methods(tmp_path, monkeypatch,
+                                                                           capsys):
+    stub = StubTrain()
+    monkeypatch.setattr(compare.train, "train", stub)
+    monkeypatch.setattr(compare.torch.cuda, "is_available", lambda: False)    # as on this CPU
+    args = compare.parse_args(["--init", "smollm2-135m", "--out-dir", str(tmp_path)])
+    assert (args.budget, args.steps, args.n_eval, args.seeds) == ("lm-verdict", 300, 2000, 3)
+    compare.main(args)
+    first_lines = capsys.readouterr().out.splitlines()[:2]
+    runs = json.load(open(tmp_path / "results.json"))["runs"]
+    plan = int(re.search(r": (\d+) runs", first_lines[0]).group(1))
+    assert plan == 10 * 3 + 5 * 2                       # a grid of 3 each; 2 more seeds for 5 methods
+    hours = [plan * 300 * compare.STEP_SECONDS[d] / 3600 for d in ("bfloat16", "float32")]
+    assert first_lines[1].startswith(f"training alone: about {hours[0]:.1f} h in bfloat16 or "
+                                     f"{hours[1]:.1f} h in float32")
+    for name in compare.METHODS:
+        seeds = sorted(r["seed"] for r in runs if r["method"] == name and r["phase"] == "final")
+        assert seeds == ([0, 1, 2] if name in compare.IN_CLAIMS else [0])
+    claims = {line.split(" | ")[0].strip("| "): line.split(" | ")
+              for line in (tmp_path / "results.md").read_text().splitlines() if " − " in line}
+    block = compare.LABEL["linear_block_out"]
+    assert claims[f"{block} − {compare.LABEL['full']}"][1] == "3"          # 3 seeds: no McNemar p
+    assert claims[f"{block} − {compare.LABEL['full']}"][4] == "–"
+    mlp_out = claims[f"{block} − {compare.LABEL['linear_mlp_out']}"]
+    assert mlp_out[1] == "1" and float(mlp_out[4]) <= 1.0                  # 1 seed: McNemar's p

@@ -1,13 +1,15 @@
 """
 Tests of tools/stats.py on stubbed per-prompt outcomes: the paired difference, McNemar's exact p
 worked out by hand from binomial terms, bootstrap intervals on cases whose answer is known (and
-against the normal approximation), the seed-and-prompt interval, and the verdict words.
+against the normal approximation), the seed-and-prompt interval, and the verdict words; the
+comparison table's mean ± std against an independent computation.
 
 Run:  python -m pytest tests/test_stats.py -q
 """
 import math
 
 import pytest
+import torch
 
 from tools import stats
 
@@ -112,3 +114,24 @@ def test_claims_table_pairs_seeds_and_gives_mcnemar_for_one_seed():
     assert "linear_block_out − linear_attn_out" not in rows                  # attn_out never ran
     assert f"- {stats.BLOCK_VS_FULL}: **holds**" in lines
     assert f"- {stats.BLOCK_VS_SITES}: **holds**" in lines                   # the one comparison run
+
+
+METHODS = ("full", "lora", "linear_block_out")
+
+
+def test_table_mean_and_std_match_an_independent_computation():
+    tasks, seeds = ["listops", "boolq"], [0, 1, 2]
+    acc = torch.rand(len(METHODS), len(tasks), len(seeds), generator=torch.Generator().manual_seed(0))
+    finals = [dict(method=name, task=t, seed=s, accuracy=acc[m, i, s].item(), trainable_params=10 * m + 1,
+                   trainable_pct=float(m), train_seconds=1.0 + s, base_accuracy=0.25 * s)
+              for m, name in enumerate(METHODS) for i, t in enumerate(tasks) for s in seeds]
+    majority = {(t, s): 0.5 for t in tasks for s in seeds}
+    rows = stats.summarize(finals, tasks, METHODS, majority)
+    for m, name in enumerate(METHODS):
+        for i, t in enumerate(tasks):
+            assert rows[name][t] == pytest.approx((acc[m, i].mean().item(), acc[m, i].std().item()), abs=1e-6)
+        per_seed = acc[m].mean(dim=0)                       # the average over tasks, seed by seed
+        assert rows[name]["average"] == pytest.approx((per_seed.mean().item(), per_seed.std().item()), abs=1e-6)
+        assert (rows[name]["params"], rows[name]["seconds"], rows[name]["seeds"]) == (10 * m + 1, 2.0, 3)
+    assert rows["base"]["listops"] == pytest.approx((0.25, 0.25))      # 0, 0.25, 0.5: std 0.25
+    assert rows["majority"]["average"] == (0.5, 0.0)

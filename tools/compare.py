@@ -269,7 +269,7 @@ def main(args):
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
         hours = {dtype: plan * args.steps * STEP_SECONDS[dtype] / 3600 for dtype in STEP_SECONDS}
         print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
-              + " (at a steering step's time; full fine-tuning's steps are longer)", flush=True)
+              + " (a steering step's time; full FT's slower steps and evaluation add)", flush=True)
     progress = Progress(plan, os.path.join(args.out_dir, "progress.log"))
     with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
         runs, chosen, edges = run_all(args, log, progress)

@@ -488,5 +488,5 @@ def load(name_or_path):
                          f"a .gguf file, {SMOLLM2} or one of {', '.join(GPT2_NAMES)}")
     if is_gguf(name_or_path):
         return load_gguf(name_or_path, name_or_path)
-    model = GPT.from_pretrained(name_or_path)            # it recorded its tokenizer: bytes, gpt2, or the
+    model = GPT.load(name_or_path)            # it recorded its tokenizer: bytes, gpt2, or the
     return model, tokenizer_of(model.tokenizer_name, name_or_path)   # checkpoint it was tuned from

@@ -370,8 +370,8 @@ class GPT(nn.Module):
         write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
-    def from_pretrained(cls, path):
-        """A checkpoint written by GPT.save. Returns the model; its tokenizer's name is in
+    def load(cls, path):
+        """Our own checkpoint, written by GPT.save (other people's: checkpoints.py). Returns the model; its tokenizer's name is in
         model.tokenizer_name (checkpoints.load turns it into the tokenizer)."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
@@ -382,9 +382,13 @@ class GPT(nn.Module):
         try:
             model = cls(GPTConfig(**ckpt["config"]))
             model.load_state_dict(ckpt["model"])
-        except (TypeError, RuntimeError) as e:  # an unknown config field; tensors of other shapes
+        except (TypeError, RuntimeError, ValueError) as e:  # a bad config; tensors of other shapes
             detail = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"{path} does not match its own config: {detail}") from None
+        tensors = ckpt["model"].items()
+        bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinity: the checkpoint is damaged")
         model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # files from before it was recorded
         if not isinstance(model.tokenizer_name, str):
             raise ValueError(f"{path}: its tokenizer field is not a name ({type(model.tokenizer_name).__name__})")

@@ -13,7 +13,6 @@ at the model's own end of text or end of turn (<|endoftext|>, and e.g. <|im_end|
 0 is greedy decoding; otherwise a token is drawn from softmax(logits / temperature), among the
 --top-k most likely ones only when given. Prompt and continuation must fit the model's context.
 """
-import argparse
 import math
 import os
 import re
@@ -23,11 +22,12 @@ import torch
 
 import adapters
 import checkpoints
+import runtime
 from train import BASE_CHECKPOINT, pick_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Continue a prompt with a model, optionally with adapters.")
+    p = runtime.OneLineParser(description="Continue a prompt with a model, optionally with adapters.")
     p.add_argument("--init", default=BASE_CHECKPOINT, help="the model: anything train.py --init takes")
     p.add_argument("--adapters", default=None, help="an adapters.pt that train.py wrote for this model")
     p.add_argument("--prompt", default="", help="the text to continue")

@@ -323,7 +323,7 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
             "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"]
     with _quiet():
         train.train(train.resolve_args(train.parse_args(argv)))
-    tuned = ns.merge(adapters.load(GPT.from_pretrained(checkpoint).double(), work + "/run/adapters.pt")).eval()
+    tuned = ns.merge(adapters.load(GPT.load(checkpoint).double(), work + "/run/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
                         base.config.block_size)

@@ -77,7 +77,7 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
     for baseline in ("majority", "base"):
         assert rows[compare.LABEL[baseline]][2:] == ["1", "0", "0.000", "0.0", "–"]
     assert rows[compare.LABEL["majority"]][0] == "65.0 ± 0.0"         # "no": 65 of boolq's 100 test answers
-    config = GPT.from_pretrained(str(quick["base"])).config
+    config = GPT.load(str(quick["base"])).config
     d, L = config.n_embd, config.n_layer
     expected_params = {  # by hand: LoRA r·(4d + 2d + 5d + 5d) per layer, a rank-r shift 2dr, ReFT 2dr + r
         "full": sum(p.numel() for p in GPT(config).parameters()), "lora": L * 16 * d * 4,

@@ -164,7 +164,7 @@ def make_adapters(paths):
     """Adapters damaged (a tensor missing), and adapters trained on another base of one config."""
     import adapters
     import nanosteer
-    model = GPT.from_pretrained(paths["base"])
+    model = GPT.load(paths["base"])
     nanosteer.steer(model, "block_out", "linear", rank=2)
     adapters.save(model, paths["damaged_adapters"])
     payload = torch.load(paths["damaged_adapters"], weights_only=True)

@@ -127,12 +127,12 @@ def test_generate_greedy_is_repeated_argmax():
 
 
 @pytest.mark.parametrize("mlp", ["gelu", "glu"])
-def test_save_then_from_pretrained_reproduces_logits(tmp_path, mlp):
+def test_save_then_load_reproduces_logits(tmp_path, mlp):
     config = tiny_config(mlp=mlp)
     model = random_model(config)
     path = str(tmp_path / "ckpt.pt")
     model.save(path, tokenizer="bytes")
-    loaded = GPT.from_pretrained(path).eval()
+    loaded = GPT.load(path).eval()
     assert loaded.config == config
     idx = tokens(config)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_one_line_error(tmp_pat
         change(config, state)
         torch.save(dict(config=config, model=state), tmp_path / f"{name}.pt")
         with pytest.raises(ValueError, match="does not match its own config") as e:
-            GPT.from_pretrained(str(tmp_path / f"{name}.pt"))
+            GPT.load(str(tmp_path / f"{name}.pt"))
         assert "\n" not in str(e.value)
 
 

@@ -399,7 +399,7 @@ def test_solution_2_1_leaving_out_one_oracle_breaks_the_stream_from_there_on(tin
 
 
 def test_solution_2_2_a_lora_fine_tune_changes_each_weight_by_rank_at_most_4(tiny, tiny_checkpoint, tmp_path):
-    model = ns.freeze(GPT.from_pretrained(tiny_checkpoint).double().eval())
+    model = ns.freeze(GPT.load(tiny_checkpoint).double().eval())
     r = course.solution_2_2(model, tiny_checkpoint, str(tmp_path), steps=3, batch=8)
     assert all(0 < rank <= 4 for block in r["ranks"] for rank in block.values()), r["ranks"]
     assert len(r["fitted"]) == 2 and all(-1 < s["block_out"]["linear"] <= 1 for s, _ in r["fitted"])

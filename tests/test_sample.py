@@ -78,7 +78,7 @@ def test_the_same_seed_draws_the_same_tokens_and_another_seed_others(peaked):
 @pytest.fixture(scope="module")
 def adapter_file(tiny_base, tmp_path_factory):
     """An adapter file for tiny_base: a block_out shift with random U and a LoRA with random B."""
-    model = nanosteer.freeze(GPT.from_pretrained(str(tiny_base)))
+    model = nanosteer.freeze(GPT.load(str(tiny_base)))
     torch.manual_seed(1)
     with torch.no_grad():
         for shift in nanosteer.steer(model, "block_out", "linear", rank=4):
@@ -105,8 +105,8 @@ def test_greedy_sample_py_continues_as_the_model_does_with_and_without_adapters(
     prompt = "[MIN 8 5 9]>4?"
     argv = ["--init", str(tiny_base), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
             "--device", "cpu"]
-    base = GPT.from_pretrained(str(tiny_base)).eval()
-    adapted = adapters.load(GPT.from_pretrained(str(tiny_base)), str(adapter_file)).eval()
+    base = GPT.load(str(tiny_base)).eval()
+    adapted = adapters.load(GPT.load(str(tiny_base)), str(adapter_file)).eval()
     plain, steered = sample.sample(sample.parse_args(argv)), sample.sample(sample.parse_args(
         argv + ["--adapters", str(adapter_file)]))
     assert plain == [greedy_by_hand(base, prompt, 12)] and steered == [greedy_by_hand(adapted, prompt, 12)]

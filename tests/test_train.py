@@ -142,7 +142,7 @@ def test_pretrain_writes_results_plot_and_a_checkpoint_that_reproduces_its_accur
     assert (r["mode"], r["task"], r["seed"], r["steps"]) == ("pretrain", "pretrain", 0, 80)
     assert {"loss.png", "model.pt", "results.json"} <= set(base.files) and "adapters.pt" not in base.files
     assert (base.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model = GPT.from_pretrained(str(base.path))
+    model = GPT.load(str(base.path))
     assert model.config == GPTConfig()                      # pretrain builds the default model
     assert r["trainable_params"] == r["total_params"] == n_params(model)
     assert r["trainable_pct"] == pytest.approx(100.0)
@@ -158,7 +158,7 @@ def test_each_mode_runs_end_to_end_and_reports_what_it_trained(name, run, base):
     res = r.results
     assert KEYS <= set(res)
     assert (res["task"], res["seed"], res["steps"]) == ("boolq", 0, 5)
-    config = GPT.from_pretrained(str(base.path)).config
+    config = GPT.load(str(base.path)).config
     for key, value in expected(name, config).items():
         assert res[key] == value, key
     assert res["total_params"] == n_params(GPT(config))
@@ -175,7 +175,7 @@ def test_each_mode_runs_end_to_end_and_reports_what_it_trained(name, run, base):
 @pytest.mark.slow
 def test_full_fine_tuning_checkpoint_reproduces_its_accuracy_and_differs_from_the_base(run, base):
     r = run("full")
-    tuned, original = GPT.from_pretrained(str(r.out / "model.pt")), GPT.from_pretrained(str(base.path))
+    tuned, original = GPT.load(str(r.out / "model.pt")), GPT.load(str(base.path))
     assert accuracy_on_test_split(tuned, "boolq", 0) == r.results["accuracy"] > 0
     assert accuracy_on_test_split(original, "boolq", 0) == r.results["base_accuracy"]
     changed = [k for k, v in original.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
@@ -196,8 +196,8 @@ def test_block_out_adapter_file_is_under_one_percent_of_the_model(run, base):
 @pytest.mark.parametrize("name", ADAPTER_CASES)
 def test_adapters_load_onto_the_base_and_reproduce_the_reported_accuracy(name, run, base):
     r = run(name)
-    original = GPT.from_pretrained(str(base.path)).eval()
-    model = adapters.load(GPT.from_pretrained(str(base.path)), str(r.out / "adapters.pt")).eval()
+    original = GPT.load(str(base.path)).eval()
+    model = adapters.load(GPT.load(str(base.path)), str(r.out / "adapters.pt")).eval()
     # the base tensors of the adapted model are exactly the base file's; the rest are the adapters
     base_sd, sd = torch.load(base.path, weights_only=True)["model"], model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
@@ -218,7 +218,7 @@ def test_joint_mode_applies_the_orthogonality_constraint(run, base):
     """THEORY §7 through train.py: with --ortho-every 1 each block's D reads nothing of col(B) of
     its mlp.c_proj LoRA; with --ortho-every 0 it does."""
     def overlap(name):
-        model = adapters.load(GPT.from_pretrained(str(base.path)), str(run(name).out / "adapters.pt"))
+        model = adapters.load(GPT.load(str(base.path)), str(run(name).out / "adapters.pt"))
         return max((block.slots["block_out"].shift.D @ torch.linalg.qr(block.mlp.c_proj.lora_B).Q).abs().max().item()
                    for block in model.transformer.h)
     assert overlap("joint") < 1e-5

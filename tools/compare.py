@@ -15,7 +15,6 @@ argv.json (same arguments) is read back, not redone. Another config in --out-dir
 Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
 --quick: for tests (boolq, 1 seed, train.py's rates).
 """
-import argparse
 import contextlib
 import functools
 import json
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import checkpoints  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from model import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
@@ -74,7 +74,7 @@ BUDGETS = {  # one budget for every method of a table; seeded: the methods run a
 
 def parse_args(argv=None):
     """The arguments, every one checked before any work (a ValueError: one line)."""
-    p = argparse.ArgumentParser(description="Every method, one budget: a table and verdicts.")
+    p = runtime.OneLineParser(description="Every method, one budget: a table and verdicts.")
     p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model (train.py --init)")
     p.add_argument("--budget", choices=BUDGETS, help="default: nano, lm-verdict (pretrained LM)")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests: no sweep")

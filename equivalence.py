@@ -26,7 +26,7 @@ from tools.output import check_out, figure_writers, shown, write_json
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
 from runtime import OneLineParser
 
-PROSE = Path(__file__).resolve().parent / "docs" / "THEORY.md"      # the text the checks read
+PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read: frozen
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
 FOLDS = {site: ("vector",) if site in ("resid_mid", "block_out") else ("vector", "linear", "reft")
          for site in ALL_SITES}                   # the shifts that fold at each site (THEORY §8)
@@ -212,7 +212,7 @@ def claims(r, exact):
             for kind, c, m, p, t in rows]
 
 def load(args):
-    """-> (frozen model, tokens (8, T) of docs/THEORY.md, its name). No --init: out/base/model.pt
+    """-> (frozen model, tokens (8, T) of docs/probe_text.txt, its name). No --init: out/base/model.pt
     if it exists, else a fresh small GPT; an --init given is loaded or refused, never replaced."""
     name = args.init or ("out/base/model.pt" if os.path.isfile("out/base/model.pt") else None)
     torch.manual_seed(0)                                   # the init when there is no checkpoint

@@ -13,6 +13,7 @@ Run:  python -m pytest tests/test_compare.py -q          (add -m "not slow" for 
 """
 import hashlib
 import json
+from collections import Counter
 import os
 import re
 import signal
@@ -162,8 +163,6 @@ def test_same_seed_same_table(quick, tmp_path):
     assert len({accuracy for _, accuracy, _, _ in numbers[0]}) >= 3      # not all 0: a table worth comparing
 
 
-
-
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path):
     cmd = [sys.executable, "tools/compare.py", "--quick", "--init", str(quick["base"]), "--out-dir",
@@ -182,7 +181,10 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path
     again = python(*cmd[1:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("| done before") == len(finished)       # not trained again
-    assert (tmp_path / "train.log").read_text().count("$ python train.py") == 10   # once each
+    # every run trained once; only the run Ctrl-C stopped half-way (if any) started twice
+    started = Counter(line for line in (tmp_path / "train.log").read_text().splitlines()
+                      if line.startswith("$ python train.py"))
+    assert len(started) == 10 and sorted(started.values()) in ([1] * 10, [1] * 9 + [2])
 
 
 def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test():

@@ -38,7 +38,7 @@ def bridge_error(block, x, rank=RANK):
     torch.manual_seed(0)                                  # LoRA's random A
     worst = 0.0
     for path in [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]:
-        shifted = copy.deepcopy(block)                    # a LoRALinear outputs W x + b + s·B A x
+        shifted = copy.deepcopy(block)                    # a LoRALinear outputs W x + b + γ·B A x
         lora = ns.LoRALinear(shifted.get_submodule(path), rank, alpha=rank).to(x)
         lora.lora_B.normal_(std=0.02)                     # (B = 0 at init; a trained one has B ≠ 0)
         shifted.set_submodule(path, lora)                 # e.g. path "mlp.c_fc"

@@ -184,7 +184,7 @@ def lora(model, rank, alpha=None, targets=None, layers=None):
 @torch.no_grad()
 def merge(model):
     """Fold every LoRA into its weight, W ← W + (alpha/r)·B·A, and put back a plain Linear. The
-    model is marked `merged_lora`: save() refuses it, as an adapter file would lose the update."""
+    model is marked `merged_lora`: adapters.save refuses it, as an adapter file would lose the update."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
             out_features, in_features = child.weight.shape
@@ -204,8 +204,8 @@ def orthogonalize(model, rtol=1e-4):
         shift, c_proj = block.slots["block_out"].shift, block.mlp.c_proj
         if not isinstance(c_proj, LoRALinear) or not isinstance(shift, LinearShift):
             continue
-        U, S, _ = torch.linalg.svd(c_proj.lora_B.double(), full_matrices=False)  # SVD in float64
-        V = U[:, S > rtol * S[0]].to(shift.D.dtype)                     # (d, k), k ≤ r
+        left, S, _ = torch.linalg.svd(c_proj.lora_B.double(), full_matrices=False)  # in float64
+        V = left[:, S > rtol * S[0]].to(shift.D.dtype)                  # (d, k), k ≤ r
         shift.D -= (shift.D @ V) @ V.T
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def fold(model):
             linears = [getattr(part, name) for name in names if hasattr(part, name)]
             kind, on_stream = shift.kind, site in ("resid_mid", "block_out")  # on the skip path
             why = {"U σ(D s) is not affine in s": kind == "nonlinear",
-                   "its U D r reads the skip path": kind != "vector" and on_stream,
+                   "its U D p reads the skip path": kind != "vector" and on_stream,
                    "its Linear has LoRA: nanosteer.merge first": LoRALinear in map(type, linears),
                    "fold adds no bias": kind != "linear" and linears[0].bias is None}
             reasons = [reason for reason, bad in why.items() if bad]

@@ -10,8 +10,8 @@ An adaptation mode whose --init is the built-in base checkpoint pretrains it fir
 missing. Writes results.json, outcomes.json (which val and test prompts it got right), loss.png and
 the trained tensors into --out-dir, together, only when the run has finished with a finite loss.
 
-Read it top to bottom: the arguments, the model, the loop a student reads (train_steps), the run
-around it. Devices, bf16, torchrun, Ctrl-C and resume files live in runtime.py (a first read skips it).
+Read it top to bottom: the arguments, the model, the loop a student reads (train_steps, the heart
+of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in runtime.py (a first read skips it).
 """
 import argparse
 import json
@@ -232,9 +232,10 @@ def lr_factor(step, steps, warmup=50):
 
 
 def train_steps(config, proc, model, optimizer, train_x, train_y, batches, start=0, losses=()):
-    """The loop: batch, loss, backward, step, constraint, log. proc holds this process's device,
-    rank and number of processes (world), the model to call (maybe DDP-wrapped), the autocast and
-    Ctrl-C. -> the training loss of every step."""
+    """The loop: batch, loss, backward, step, constraint, log. -> the training loss of every step.
+    proc (made in train_once) says where it runs: proc.device; proc.rank of proc.world processes
+    (0 of 1 without torchrun); proc.trainer, the model to call (DDP-wrapped under torchrun, so
+    that backward averages the gradients); proc.autocast (bf16 or nothing); proc.ctrl_c."""
     losses, t0 = list(losses), time.time()
     for step in range(start, config.steps):
         for g in optimizer.param_groups:
@@ -277,7 +278,9 @@ def write_resume(config, proc, step, losses, model, optimizer, batches, stopped)
 
 @torch.no_grad()
 def prompt_hits(model, x, y, device, autocast, batch_size=50):
-    """Per example (one a row): did greedy generation give exactly the completion? (tasks.exact_match)"""
+    """Per example (one a row): would greedy generation give exactly the completion? One forward
+    pass with the answer fed in: each answer token the argmax after the ones before it is the same
+    as greedy decoding reproducing it (tasks.exact_match)."""
     model.eval()
     hits = []
     for i in range(0, len(x), batch_size):

@@ -1,5 +1,5 @@
 """
-notebooks/course.py: what only the course's notebooks need, kept out of the library (STYLE: such
+notebooks/course.py: what only the course's notebooks need, kept out of the library (the style guide: such
 functions live next to the notebooks). Adila et al., 2026, "Weight Updates as Activation Shifts";
 the sections cited are those of docs/THEORY.md.
 
@@ -268,7 +268,7 @@ def solution_1_1(block, x, d_mlp):
 
 
 def solution_1_2(block, x, d_mlp):
-    """Exercise 1.2: what an mlp_in steer (Δh, reaching z only as A(h)Δh) and an attn_out steer (the
+    """Exercise 1.2: what an mlp_in steer (Δh, reaching z only as J(h)Δh) and an attn_out steer (the
     paper's pre-MLP: skip path and MLP) recover of an update of W_fc alone (term 2's world) and of
     W_proj alone (term 1's) -> {update: {site: share recovered by a rank-4 linear steer}}."""
     parts = {"W_fc only (term 2)": {"mlp.c_fc.weight": d_mlp["c_fc.weight"]},

@@ -69,8 +69,8 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
 
 
 def where_to_steer(block, x, update, sites=SITES):
-    """({site: {kind: share recovered}}, skip share ⟨δr, δz⟩ / ‖δz‖²) for an update of the block.
-    THEORY §5: z = r + y, so δz = δr + δy; the skip share is the part δr carries."""
+    """({site: {kind: share recovered}}, skip share ⟨δp, δz⟩ / ‖δz‖²) for an update of the block.
+    THEORY §5: z = p + y, so δz = δp + δy; the skip share is the part δp carries."""
     (target, r_tuned), (z, r) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
     table = {site: {kind: fit_shift(block, site, kind, x, target)[1] for kind in KINDS}
              for site in sites}

@@ -89,8 +89,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="number format "
-                   "of the passes (weights stay float32). auto: bf16 autocast on CUDA, and on a CPU with native "
-                   "bf16 matmul for a pretrained LM; float32 otherwise")
+                   "of the passes (weights stay float32). auto: bf16 autocast on CUDA, float32 on a CPU (bfloat16 "
+                   "runs faster on a CPU with native bf16, but changed SmolLM2's accuracy: RESULTS.md)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
     g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")
@@ -321,7 +321,7 @@ def train_once(config):
     model = build_model(config, device, base)
     # val is for choosing hyperparameters (tools/compare.py); test is what the accuracies report
     train_x, train_y = pack(splits["train"], enc, model.config.block_size)
-    dtype = runtime.pick_dtype(config.dtype, device, enc.name != byte_encoding().name)
+    dtype = runtime.pick_dtype(config.dtype, device)
     runner = torch.compile(model) if config.compile else model  # save `model`, the uncompiled one
     proc = argparse.Namespace(device=device, rank=rank, world=world, autocast=runtime.autocast(device, dtype),
                               trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world))

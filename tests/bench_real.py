@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
 import checkpoints  # noqa: E402
 from nanosteer import freeze, steer  # noqa: E402
+from runtime import cpu_has_native_bf16  # noqa: E402
 from tools import stats  # noqa: E402
 
 CASES = ("ours", "reference", "steer", "steer_bf16", "full")
@@ -106,15 +107,6 @@ def peak_memory_mb(case, args):
     cmd = [sys.executable, __file__, "--only", case, "--batch", str(args.batch), "--length", str(args.length)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.split()[-1])
-
-
-def native_bf16():
-    """Does this CPU multiply bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo, Linux)?"""
-    if not os.path.exists("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        flags = set(f.read().split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def dtype_runs(args):
@@ -199,7 +191,7 @@ def main():
         claims.append(("steer step / full fine-tuning step", ms["steer"] / ms["full"], 0.6))
     if {"steer", "steer_bf16"} <= set(cases):     # a target only where bf16 is native
         claims.append(("bf16 steer step / float32 steer step", ms["steer_bf16"] / ms["steer"],
-                       0.5 if native_bf16() else None))
+                       0.5 if cpu_has_native_bf16() else None))
     print(f"\n{'claim':<36} | {'measured':>8} | {'target':>6} | ok")
     for name, value, target in claims:
         ok = "–" if target is None else "ok" if value <= target else "NO"

@@ -444,12 +444,9 @@ def test_resolve_args_returns_a_new_config_and_leaves_the_users_arguments_alone(
     assert config.layers == [0, 1] and config.rank == 4 and config.lr == 1e-2
 
 
-def test_dtype_follows_the_model_and_the_cpu(monkeypatch):
+def test_dtype_is_bf16_on_cuda_and_float32_on_a_cpu_unless_asked():
     import runtime
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=False) == "float32"     # the miniature gains nothing
-    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=True) == "bfloat16"
-    assert runtime.pick_dtype("auto", "cuda", pretrained_lm=False) == "bfloat16"
-    assert runtime.pick_dtype("float32", "cuda", pretrained_lm=True) == "float32"
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.pick_dtype("auto", "cpu", pretrained_lm=True) == "float32"
+    assert runtime.pick_dtype("auto", "cuda") == "bfloat16"
+    assert runtime.pick_dtype("auto", "cpu") == "float32"         # measured: bf16 moved the accuracy
+    assert runtime.pick_dtype("bfloat16", "cpu") == "bfloat16"
+    assert runtime.pick_dtype("float32", "cuda") == "float32"

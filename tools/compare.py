@@ -56,7 +56,7 @@ MAX_GROWTH = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
 # a real LM: inside the paper's ranges (THEORY §9), centred on SmolLM2's winners at 120 steps
 LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3e-4, 1e-3, 3e-3]}
-STEP_SECONDS = {"bfloat16": 0.9, "float32": 2.2}  # a SmolLM2 step on 2 CPU cores: bench_real.py
+STEP_SECONDS = {"bfloat16": 0.92, "float32": 1.42}  # a SmolLM2 steering step, 2 CPU cores: results/smollm2/dtype.txt
 ALL, IN_CLAIMS = tuple(METHODS), ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
 BUDGET_KEYS = ("tasks", "seeds", "steps", "batch_size", "n_train", "n_eval", "rank", "seeded")
 DEFAULT_BUDGET = {(False, False): "nano", (False, True): "nano-quick", (True, False): "lm-verdict",

@@ -3,7 +3,6 @@ checked with numbers, one function per demonstration. main() prints a row per ch
 sanity, measured | measured | predicted | diff | tol | ok; exit 1 if a theorem or sanity row fails,
 2 on a bad argument), writes equivalence.json and 3 figures. `--init smollm2-135m`: a real LM."""
 import copy
-import json
 import os
 import sys
 import time
@@ -21,12 +20,12 @@ import checkpoints
 import nanosteer as ns
 import tasks
 from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
-                        random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: notebooks
+                        random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: course
 from tools.output import check_out, figure_writers, shown, write_json
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
 from runtime import OneLineParser
 
-PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read: frozen
+PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
 FOLDS = {site: ("vector",) if site in ("resid_mid", "block_out") else ("vector", "linear", "reft")
          for site in ALL_SITES}                   # the shifts that fold at each site (THEORY §8)
@@ -47,28 +46,28 @@ def bridge_error(block, x, rank=RANK):
     return worst
 
 # ---- THEORY §4: first-order transport through the MLP -----------------------------------------
-def linear_change(d, name, h):                   # ΔW h + Δb: how the Linear `name` moves (§3)
-    return h @ d[name + ".weight"].T + d.get(name + ".bias", 0.0)
+def linear_change(delta, name, h):               # ΔW h + Δb: how the Linear `name` moves (§3)
+    return h @ delta[name + ".weight"].T + delta.get(name + ".bias", 0.0)
 def shifted_params(block, direction, e):          # the parameters θ + εΔ
-    return {k: block.get_parameter(k) + e * d for k, d in direction.items()}
+    return {k: block.get_parameter(k) + e * step for k, step in direction.items()}
 
-def mlp_first_order(mlp, h, d, proj_term=True):
-    """THEORY §4, closed form: δy ≈ ΔW_proj m + Δb_proj + W_proj δm for an update d of the MLP;
+def mlp_first_order(mlp, h, delta, proj_term=True):
+    """THEORY §4, closed form: δy ≈ ΔW_proj m + Δb_proj + W_proj δm for an update delta of the MLP;
     proj_term=False leaves ΔW_proj m out (the slope-1 control)."""
     u = mlp.c_fc(h)
     if mlp.gated:               # GLU, m = silu(g) ⊙ u: δm = silu'(g) ⊙ u ⊙ δg + silu(g) ⊙ δu
         g, sg = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))       # silu(g) = g ς(g), sg = ς(g),
-        dm = sg * (1 + g * (1 - sg)) * u * linear_change(d, "c_gate", h) \
-            + g * sg * linear_change(d, "c_fc", h)                # silu'(g) = ς(g)(1 + g(1 − ς(g)))
+        dm = sg * (1 + g * (1 - sg)) * u * linear_change(delta, "c_gate", h) \
+            + g * sg * linear_change(delta, "c_fc", h)            # silu'(g) = ς(g)(1 + g(1 − ς(g)))
     else:                       # GELU: δm = gelu'(u) ⊙ (ΔW_fc h + Δb_fc)
-        dm = gelu_prime(u) * linear_change(d, "c_fc", h)
-    dy = dm @ mlp.c_proj.weight.T + d.get("c_proj.bias", 0.0)
-    return dy + mlp.hidden(h) @ d["c_proj.weight"].T if proj_term else dy
+        dm = gelu_prime(u) * linear_change(delta, "c_fc", h)
+    dy = dm @ mlp.c_proj.weight.T + delta.get("c_proj.bias", 0.0)
+    return dy + mlp.hidden(h) @ delta["c_proj.weight"].T if proj_term else dy
 
 def closed_form_change(block, direction, x, proj_term=True):
     """δz of an MLP-only update ("mlp." names) by the closed form: p does not move, so δz = δy."""
-    d = {k.removeprefix("mlp."): v for k, v in direction.items()}
-    return mlp_first_order(block.mlp, block.probe(x, "mlp_in")[1], d, proj_term)
+    delta = {k.removeprefix("mlp."): v for k, v in direction.items()}
+    return mlp_first_order(block.mlp, block.probe(x, "mlp_in")[1], delta, proj_term)
 def jvp_change(block, direction, x):             # d/dε block(x; θ + εΔ) at ε = 0, by autodiff
     params = {k: block.get_parameter(k).detach() for k in direction}
     with sdpa_kernel(SDPBackend.MATH):           # the fused CPU attention kernel has no forward AD
@@ -88,13 +87,15 @@ def first_order(model, x, layer, kind, eps=EPS):
     block = model.transformer.h[layer] if model.config.mlp == kind else \
         Block(replace(model.config, mlp=kind)).to(x)
     errors = first_order_errors(block, x, random_update(block, 1, biases=True), eps=eps)
-    d_mlp = {"mlp." + k: v for k, v in random_update(block.mlp, 2, biases=True).items()}
-    closed, auto = closed_form_change(block, d_mlp, x), jvp_change(block, d_mlp, x)
-    h = 1e-4 if x.dtype == torch.float64 else 1e-2    # central differences: error ~h² + ulp/h
-    with torch.no_grad():                             # (z(θ + hΔ) − z(θ − hΔ)) / 2h
-        diff = (functional_call(block, shifted_params(block, d_mlp, h), (x,))
-                - functional_call(block, shifted_params(block, d_mlp, -h), (x,))) / (2 * h)
-    control = first_order_errors(block, x, d_mlp, partial(closed_form_change, proj_term=False), eps)
+    mlp_update = {"mlp." + k: v for k, v in random_update(block.mlp, 2, biases=True).items()}
+    closed, auto = closed_form_change(block, mlp_update, x), jvp_change(block, mlp_update, x)
+    step = 1e-4 if x.dtype == torch.float64 else 1e-2  # error ~ step² + ulp/step
+    with torch.no_grad():                               # (z(θ + step Δ) − z(θ − step Δ)) / 2 step
+        ahead = functional_call(block, shifted_params(block, mlp_update, step), (x,))
+        behind = functional_call(block, shifted_params(block, mlp_update, -step), (x,))
+        diff = (ahead - behind) / (2 * step)
+    control = first_order_errors(block, x, mlp_update, partial(closed_form_change, proj_term=False),
+                                 eps)
     slope = [float(np.polyfit(np.log(eps), np.log(e), 1)[0]) for e in (errors, control)]
     return dict(errors=errors, slope=slope[0], control_errors=control, control_slope=slope[1],
                 rel_err=((closed - auto).abs().max() / auto.abs().max()).item(),
@@ -116,16 +117,20 @@ def projection_error(block, x, rank=RANK, seed=0):
     post_mlp.U.copy_(torch.randn(d, rank, generator=g))   # U = 0 at init; any U D will do
     post_block = copy.deepcopy(post_mlp)
     post_block.D.copy_(post_mlp.D @ (I - Pi))             # U D (I − Π) z = U D y when Π z = p
-    gaps = [(b.probe(xx, "mlp_out", post_mlp)[0] - b.probe(xx, "block_out", post_block)[0]).abs().max()
-            for b, xx in ((split, x @ Pi), (block, x))]   # x Π: the incoming stream in col(Π)
-    return gaps[0].item(), gaps[1].item()
+    gaps = []
+    for b, xx in ((split, x @ Pi), (block, x)):           # x Π: the incoming stream in col(Π)
+        after_mlp = b.probe(xx, "mlp_out", post_mlp)[0]
+        after_block = b.probe(xx, "block_out", post_block)[0]
+        gaps.append((after_mlp - after_block).abs().max().item())
+    return gaps[0], gaps[1]
 
 @torch.no_grad()
 def skip_share(block, x, update):
     """THEORY §5: δz = δp + δy, so ⟨δp, δz⟩/‖δz‖² + ⟨δy, δz⟩/‖δz‖² = 1. The skip share, the first
     term, is a projection coefficient, not a fraction: < 0 where δp points against δz, > 1 where
     δy does. -> (over all tokens, per token: min, max, the share of tokens outside [0, 1])."""
-    (z_ft, p_ft), (z, p) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
+    z_ft, p_ft = with_update(block, update).probe(x, "resid_mid")
+    z, p = block.probe(x, "resid_mid")
     dp, dz = (p_ft - p).flatten(0, -2), (z_ft - z).flatten(0, -2)      # (tokens, d)
     t = (dp * dz).sum(-1) / (dz * dz).sum(-1)
     return ((dp * dz).sum() / (dz * dz).sum()).item(), dict(
@@ -212,8 +217,9 @@ def claims(r, exact):
             for kind, c, m, p, t in rows]
 
 def load(args):
-    """-> (frozen model, tokens (8, T) of docs/probe_text.txt, its name). No --init: out/base/model.pt
-    if it exists, else a fresh small GPT; an --init given is loaded or refused, never replaced."""
+    """-> (frozen model, tokens (8, T) of docs/probe_text.txt, its name). No --init:
+    out/base/model.pt if it exists, else a fresh small GPT; an --init given is loaded or refused,
+    never replaced."""
     name = args.init or ("out/base/model.pt" if os.path.isfile("out/base/model.pt") else None)
     torch.manual_seed(0)                                   # the init when there is no checkpoint
     model, enc = checkpoints.load(name) if name else \

@@ -21,9 +21,9 @@ import nanosteer as ns
 import tasks
 from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
                         random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: course
-from tools.output import check_out, figure_writers, shown, write_json
+from tools.output import figure_writers, shown
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
-from runtime import OneLineParser
+from runtime import OneLineParser, check_out_dir, write_json
 
 PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
@@ -275,7 +275,7 @@ def main(argv=None):
                         help="float32 blurs the ε² check")
     parser.add_argument("--out", default="out/equivalence", help="folder for JSON and figures")
     args, start = parser.parse_args(argv), time.time()
-    check_out(args.out)                     # before any work: a bad folder costs nothing
+    check_out_dir(args.out, flag="--out")  # before any work: a bad folder costs nothing
     torch.set_num_threads(1)                # the matrices are small: one thread is fastest
     plt.switch_backend("Agg")               # figures go to files only
     model, idx, name = load(args)

@@ -14,7 +14,6 @@ Read it top to bottom: the arguments, the model, the loop a student reads (train
 of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in runtime.py (a first read skips it).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -377,19 +376,14 @@ def write_outputs(model, enc, config, results, hits):
            title=f"{config.mode} on {config.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
     # character i is "1" iff prompt i of the split (in make_splits' order) was answered exactly
     outcomes = {s: "".join("1" if hit else "0" for hit in hits[s].tolist()) for s in ("val", "test")}
-    files = {"results.json": lambda tmp: write_json(results, tmp),
-             "outcomes.json": lambda tmp: write_json(outcomes, tmp),
+    files = {"results.json": lambda tmp: runtime.write_json(results, tmp),
+             "outcomes.json": lambda tmp: runtime.write_json(outcomes, tmp),
              "loss.png": lambda tmp: fig.savefig(tmp, dpi=100)}
     if saves_whole_model(config):
         files["model.pt"] = lambda tmp: model.save(tmp, tokenizer=enc.name)   # checkpoints.load reads it
     else:
         files["adapters.pt"] = lambda tmp: adapters.save(model, tmp)
     write_files(config.out_dir, files)
-
-
-def write_json(value, path):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
 
 
 def main(argv=None):

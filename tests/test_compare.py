@@ -207,7 +207,7 @@ def test_bad_arguments_are_one_line_and_change_nothing(tmp_path, tiny_base):
                                     "--n-eval must be positive",
              ("--steps", "0"): "--tasks takes listops",
              ("--init", str(tmp_path / "typo.pt")): "does not exist",
-             ("--out-dir", str(tmp_path / "a_file")): "is a file: give a folder"}
+             ("--out-dir", str(tmp_path / "a_file")): "is a file, not a folder: give a folder"}
     for flags, message in cases.items():
         argv = ["--init", str(tiny_base), "--quick", "--out-dir", str(out), *flags]
         proc = python("tools/compare.py", *argv)

@@ -329,8 +329,8 @@ def test_output_redraws_a_committed_equivalence_json(tmp_path):
     output.main(["results/smollm2/equivalence.json" if Path.cwd() == ROOT else
                  str(ROOT / "results" / "smollm2" / "equivalence.json"), str(tmp_path), "--suffix", "_x"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first_order_x.png", "mlp_share_x.png", "sites_x.png"]
-    with pytest.raises(ValueError, match="--out|out"):
-        output.check_out(str(ROOT / "README.md"))
+    with pytest.raises(ValueError, match="out .*README.md is a file, not a folder"):     # before drawing
+        output.main([str(ROOT / "results" / "smollm2" / "equivalence.json"), str(ROOT / "README.md")])
 
 
 # ---------------------------------------------------------------------------------------------

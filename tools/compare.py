@@ -117,13 +117,8 @@ def config(args):                            # what makes a table: one config a 
 
 def check_out_dir(args):
     """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
-    out, folder = args.out_dir, os.path.abspath(args.out_dir)
-    while not os.path.isdir(folder):          # up to the nearest folder that exists
-        if os.path.exists(folder):
-            raise ValueError(f"--out-dir {out}: {folder} is a file: give a folder")
-        folder = os.path.dirname(folder)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out-dir {out} is not writable: choose another")
+    out = args.out_dir
+    runtime.check_out_dir(out)
     saved = os.path.join(out, "config.json")
     old = read_json(saved) if os.path.exists(saved) else {}
     changed = [key for key, value in config(args).items() if old.get(key) != value]

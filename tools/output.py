@@ -11,7 +11,6 @@ Redraw the figures of a committed equivalence.json (e.g. SmolLM2's) without reru
 import json
 import os
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
 from model import write_files  # noqa: E402
-from runtime import OneLineParser  # noqa: E402
+from runtime import OneLineParser, check_out_dir  # noqa: E402
 from tools.fits import KINDS, RANK, SITES  # noqa: E402
 
 SLIDE = {"font.size": 12}                       # every text of a figure: 12 pt or more
@@ -32,23 +31,6 @@ def shown(path):
     """A path as printed and recorded: relative to the repository root when inside it."""
     full = os.path.abspath(path)
     return os.path.relpath(full, ROOT) if full.startswith(str(ROOT) + os.sep) else path
-
-
-def check_out(folder, flag="--out"):
-    """Refuse, before any work, an output folder that is a file or where nothing can be written:
-    a one-line ValueError (the scripts turn it into exit status 2)."""
-    parent = folder
-    while not os.path.exists(parent):           # the deepest existing path: the folder goes there
-        parent = os.path.dirname(parent) or "."
-    try:                                        # a real write; a file in the way: "Not a directory"
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {folder}: cannot write in {parent} ({e.strerror})") from None
-
-
-def write_json(r, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(r, f, indent=2)
 
 
 def equivalence_figures(r, eps):
@@ -95,7 +77,7 @@ def main(argv=None):
     parser.add_argument("--suffix", default="",
                         help="added to each name: _smollm2 gives mlp_share_smollm2.png")
     args = parser.parse_args(argv)
-    check_out(args.out, "out")
+    check_out_dir(args.out, flag="out")
     try:
         r = json.loads(Path(args.json).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -371,8 +371,8 @@ class GPT(nn.Module):
 
     @classmethod
     def load(cls, path):
-        """Our own checkpoint, written by GPT.save (other people's: checkpoints.py). Returns the model; its tokenizer's name is in
-        model.tokenizer_name (checkpoints.load turns it into the tokenizer)."""
+        """Our own checkpoint, written by GPT.save (other people's: checkpoints.py). Returns the
+        model; its tokenizer's name is in model.tokenizer_name (checkpoints.load makes the tokenizer)."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
         except Exception as e:  # a file that is not a torch checkpoint fails in many different ways

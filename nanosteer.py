@@ -1,7 +1,7 @@
 """
 nanosteer.py: what you can put into a slot (an activation shift) or onto a weight (LoRA).
 Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the
-bridge of §3), the joint constraint of §7, capture, oracle shifts, a report. (Adapter files: adapters.py.)
+bridge of §3), the joint constraint of §7, capture, oracle shifts, a report (files: adapters.py).
 """
 import math
 import numbers
@@ -55,9 +55,9 @@ class NonlinearShift(LinearShift):
         return ACTIVATIONS[self.act](s @ self.D.T) @ self.U.T
 
 class ReFTShift(nn.Module):
-    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s). R (r orthonormal rows) is the Q factor
-    of a free matrix, recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at
-    init: Δ = 0."""
+    """LoReFT (Wu et al., 2024): Δ(s) = Rᵀ(W s + b − R s), THEORY's Rᵀ(E s + e − R s) (W, b here
+    are ReFT's own map, not a Linear's). R (r orthonormal rows) is the Q factor of a free matrix,
+    recomputed each call: orthonormal after any optimizer step. W = R, b = 0 at init: Δ = 0."""
     kind = "reft"
 
     def __init__(self, n, rank, act, dtype=None):
@@ -183,8 +183,8 @@ def lora(model, rank, alpha=None, targets=None, layers=None):
 
 @torch.no_grad()
 def merge(model):
-    """Fold every LoRA into its weight, W ← W + (alpha/r)·B·A, and put back a plain Linear. The
-    model is marked `merged_lora`: adapters.save refuses it, as an adapter file would lose the update."""
+    """Fold every LoRA into its weight, W ← W + γ·B·A (γ = alpha/r), and put back a plain Linear.
+    The model is marked `merged_lora`: adapters.save refuses it (its file would lose the update)."""
     for _, _, parent, name, child in list(linear_layers(model)):
         if isinstance(child, LoRALinear):
             out_features, in_features = child.weight.shape

@@ -312,6 +312,21 @@ def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tm
     assert rows["base"]["listops"] == (0.0, 0.0) and 0.0 < rows["majority"]["listops"][0] < 0.2
 
 
+def test_a_subset_of_methods_reuses_its_runs_in_the_whole_table(tmp_path, monkeypatch, tiny_base):
+    rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base,
+                                         "--methods", "full,linear_block_out")
+    assert set(rows) == {"majority", "base", "full", "linear_block_out"}
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("full", 0)] * 3 + [
+        ("full", 1)] + [("linear_block_out", 0)] * 3 + [("linear_block_out", 1)]   # method by method
+    claims = [line for line in (tmp_path / "out" / "results.md").read_text().splitlines()
+              if line.startswith(f"| {compare.LABEL['linear_block_out']} − ")]
+    assert claims == [claims[0]] and compare.LABEL["full"] in claims[0]   # the one claim both ran
+    whole = stubbed(tmp_path, monkeypatch, tiny_base)                  # the same folder, every method
+    assert len(whole[3].calls) == 46 - len(stub.calls)                 # the subset's 8 read back
+    with pytest.raises(ValueError, match="--methods takes full, lora"):
+        compare.parse_args(["--init", str(tiny_base), "--methods", "full,fine"])
+
+
 def test_a_finished_run_is_not_redone_and_the_log_is_appended(tmp_path, monkeypatch, tiny_base):
     first = stubbed(tmp_path, monkeypatch, tiny_base)
     log = (tmp_path / "out" / "train.log").read_text()

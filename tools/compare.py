@@ -13,6 +13,7 @@ a winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a run (t
 process, into runs/<task>-<method>-lr<rates>-seed<s>/) holding results.json, outcomes.json and
 argv.json (same arguments) is read back, not redone. Another config in --out-dir needs --force.
 Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
+--methods: a subset of the rows (its runs land in the same folder, read back by a later table).
 --quick: for tests (boolq, 1 seed, train.py's rates).
 """
 import contextlib
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", choices=BUDGETS, help="default: nano, lm-verdict (pretrained LM)")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests: no sweep")
     p.add_argument("--tasks", help="comma-separated built-in tasks")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, a subset of the table (default: every method)")
     p.add_argument("--seeds", type=int, help="run seeds 0..n-1")
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--batch-size", type=int, help="examples per step")
@@ -92,7 +95,9 @@ def parse_args(argv=None):
     args.budget = args.budget or DEFAULT_BUDGET[args.lm, args.quick]
     for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.tasks = args.tasks.split(",")
+    args.tasks, args.methods = args.tasks.split(","), args.methods.split(",")
+    if not set(args.methods) <= set(METHODS):
+        raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
     if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(
             args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "
@@ -103,7 +108,7 @@ def parse_args(argv=None):
     slug = "".join(c if c.isalnum() else "-" for c in os.path.splitext(args.init)[0]).strip("-")
     args.out_dir = args.out_dir or os.path.join("out", f"compare-{slug}-{args.budget}")
     check_out_dir(args)
-    for name in METHODS:                      # train.py's own checks of every method's arguments
+    for name in args.methods:                 # train.py's own checks of every method's arguments
         rates = {flag: args.grid[g][0] for flag, g in RATE_FLAGS[METHODS[name][0]].items()}
         check = train_argv(args, name, args.tasks[0], 0, rates, os.path.join(args.out_dir, "runs"))
         train.resolve_args(train.parse_args(check))
@@ -229,8 +234,9 @@ class Progress:
 
 
 def run_all(args, log, progress):
-    """The sweeps on seed 0, then the other seeds at the chosen rates. -> (runs, chosen, edges)"""
-    runs, chosen, edges = [], {name: {} for name in METHODS}, []
+    """Method by method: its sweep on seed 0, then its other seeds at the chosen rate, so that a
+    method is finished before the next starts. -> (runs, chosen, edges)"""
+    runs, chosen, edges = [], {name: {} for name in args.methods}, []
 
     def do(phase, name, task, seed, lrs, extension=False):
         progress.plan += extension                           # a grid that grows adds a run
@@ -240,14 +246,13 @@ def run_all(args, log, progress):
         return runs[-1]
 
     for task in args.tasks:
-        for name in METHODS:                  # the sweep: the best validation accuracy wins
+        for name in args.methods:             # the sweep on seed 0, then the other seeds
             grid = {flag: args.grid[g] for flag, g in RATE_FLAGS[METHODS[name][0]].items()}
             winner, edge = sweep(functools.partial(do, "sweep", name, task, 0), grid)
             if "failed" in winner:
                 raise ValueError(f"{name} on {task} failed at every rate: {winner['failed']}")
             winner["phase"], chosen[name][task] = "final", winner["lrs"]
             edges += [(name, task)] * edge
-        for name in METHODS:
             for seed in range(1, args.seeds if name in args.seeded else 1):
                 if "failed" in do("final", name, task, seed, chosen[name][task]):
                     raise ValueError(f"{name} on {task}, seed {seed}: {runs[-1]['failed']}")
@@ -256,9 +261,9 @@ def run_all(args, log, progress):
 
 def main(args):
     write_atomically(os.path.join(args.out_dir, "config.json"), text_file(json.dumps(config(args))))
-    seeds = [args.seeds if name in args.seeded else 1 for name in METHODS]
+    seeds = [args.seeds if name in args.seeded else 1 for name in args.methods]
     plan, start = len(args.tasks) * sum(len(args.grid["full"]) + s - 1 for s in seeds), time.time()
-    print(f"{len(METHODS)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
+    print(f"{len(args.methods)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
           f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows; into "
           f"{args.out_dir}", flush=True)
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
@@ -269,7 +274,7 @@ def main(args):
     with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
         runs, chosen, edges = run_all(args, log, progress)
     finals = [r for r in runs if r["phase"] == "final"]
-    rows = stats.summarize(finals, args.tasks, METHODS, majority_rows(args, finals))
+    rows = stats.summarize(finals, args.tasks, args.methods, majority_rows(args, finals))
     table = stats.results_markdown(rows, chosen, edges, finals, args, LABEL)
     outcomes = {f"{r['task']}/{r['method']}/seed{r['seed']}": r["outcomes"]["test"] for r in finals}
     for r in runs:

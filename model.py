@@ -195,8 +195,7 @@ def gelu(u):
 
 
 def gelu_prime(u):
-    # The model never calls this: equivalence.py and the notebooks need the derivative of the
-    # model's own GELU for THEORY §4, so it lives next to it. d/du of the tanh GELU:
+    # d/du of the model's own GELU, for THEORY §4 (equivalence.py, the notebooks; not the model):
     # ½(1 + t) + ½u(1 − t²)·√(2/π)(1 + 3·0.044715u²), t = tanh(√(2/π)(u + 0.044715u³))
     c, t = (2.0 / math.pi) ** 0.5, torch.tanh((2.0 / math.pi) ** 0.5 * (u + 0.044715 * u ** 3))
     return 0.5 * (1 + t) + 0.5 * u * (1 - t ** 2) * c * (1 + 3 * 0.044715 * u ** 2)
@@ -385,11 +384,10 @@ class GPT(nn.Module):
         except (TypeError, RuntimeError, ValueError) as e:  # a bad config; tensors of other shapes
             detail = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"{path} does not match its own config: {detail}") from None
-        tensors = ckpt["model"].items()
-        bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [name for name, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinity: the checkpoint is damaged")
-        model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # files from before it was recorded
+        model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # no field: the built-in byte tokenizer
         if not isinstance(model.tokenizer_name, str):
             raise ValueError(f"{path}: its tokenizer field is not a name ({type(model.tokenizer_name).__name__})")
         return model

@@ -23,7 +23,7 @@ import torch
 import adapters
 import checkpoints
 import runtime
-from train import BASE_CHECKPOINT, pick_device
+from train import BASE_CHECKPOINT
 
 
 def parse_args(argv=None):
@@ -102,7 +102,7 @@ def check_fits(args, model, n_prompt, device):
 @torch.no_grad()
 def sample(args):
     """The continuations (text after the prompt, up to the model's end of text or turn), one per sample."""
-    device = pick_device(args.device)
+    device = runtime.pick_device(args.device)
     model, enc = checkpoints.load(args.init)
     if args.adapters is not None:
         adapters.load(model, args.adapters)        # into the slots and onto the weights it names

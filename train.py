@@ -28,7 +28,6 @@ import checkpoints
 import nanosteer
 import runtime
 from model import GPT, GPTConfig, SITES, resolve_site, write_files
-from runtime import pick_device  # noqa: F401  (sample.py and the notebooks import it from here)
 from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
 BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
@@ -121,10 +120,9 @@ def resolve_args(args):
         config.lora_rank = {"weight": 8, "joint": defaults["lora_rank"]}.get(config.mode, 0)
     if config.steps is None:
         config.steps = DEFAULT_STEPS[config.mode]
-    weights_lr = DEFAULT_LR["pretrain"] if config.mode == "pretrain" else defaults["lr"]["full"]
-    shifts_lr = defaults["lr"]["shift"]
-    if config.lr is None:
-        config.lr = shifts_lr if config.mode in ("activation", "joint") else weights_lr
+    if config.lr is None:                    # the shifts' rate, or the weights' (pretrain, full FT)
+        kind = "shift" if config.mode in ("activation", "joint") else "full"
+        config.lr = DEFAULT_LR["pretrain"] if config.mode == "pretrain" else defaults["lr"][kind]
     if config.lora_lr is None:
         config.lora_lr = defaults["lr"]["lora"]
     if config.layers is not None:
@@ -290,10 +288,6 @@ def prompt_hits(model, x, y, device, autocast, batch_size=50):
     return torch.cat(hits)
 
 
-def evaluate(model, x, y, device, autocast, batch_size=50):
-    """Exact-match accuracy of greedy generation, one example per row."""
-    return prompt_hits(model, x, y, device, autocast, batch_size).float().mean().item()
-
 # ---------------------------------------------------------------------------------------------
 # a whole run
 
@@ -312,7 +306,7 @@ def train(config):
 
 def train_once(config):
     """Load, train, score on val and test, write the run's files. -> results (rank 0; else None)"""
-    device = pick_device(config.device)
+    device = runtime.pick_device(config.device)
     rank, world = runtime.init_distributed(device)
     splits = load_jsonl(config.data, config.seed) if config.data else \
         make_splits(config.task, config.seed, config.n_train, config.n_eval)
@@ -328,15 +322,13 @@ def train_once(config):
     params = nanosteer.report(model)
     if rank == 0:                                  # (before --resume loads the trained tensors)
         test_x, test_y = pack(splits["test"], enc, model.config.block_size)
-        base_accuracy = evaluate(runner, test_x, test_y, device, proc.autocast)
+        base_accuracy = prompt_hits(runner, test_x, test_y, device, proc.autocast).float().mean().item()
         print(f"{config.mode} on {config.task}: {len(train_x)} training rows, {config.steps} steps, device {device}"
               f"{f' x {world} processes' if world > 1 else ''}, {dtype}, trainable {params['trainable']:,} of "
               f"{params['base_params']:,} ({params['pct']:.2f}%), accuracy before {base_accuracy:.1%}")
     batches = torch.Generator().manual_seed(config.seed)
-    start, losses = 0, []
-    if config.resume:
-        resume_path = os.path.join(config.out_dir, "resume.pt")
-        start, losses = runtime.load_resume(resume_path, config, model, optimizer, batches)
+    resume_path = os.path.join(config.out_dir, "resume.pt")
+    start, losses = runtime.load_resume(resume_path, config, model, optimizer, batches) if config.resume else (0, [])
     t0 = time.time()
     with proc.ctrl_c:
         losses = train_steps(config, proc, model, optimizer, train_x, train_y, batches, start, losses)

@@ -243,7 +243,7 @@ def test_exact_match_agrees_with_greedy_generation(small_trained_model):
     x, y = pack(examples, enc, block_size=32)
     with torch.no_grad():
         hits = exact_match(model(x)[0], y).tolist()
-        assert exact_match(model(x, y)[0], y).tolist() == hits         # as train.evaluate calls it
+        assert exact_match(model(x, y)[0], y).tolist() == hits         # as train.prompt_hits calls it
     for (prompt, completion), hit in zip(examples, hits):
         want = enc.encode_ordinary(completion) + [EOT]
         assert hit == (greedy(model, enc, prompt, len(want)) == want), (prompt, completion)

@@ -316,6 +316,8 @@ def test_claims_figure_verdicts_and_redraw(tmp_path):
                         for m, s, a in (("a", 0, 0.8), ("a", 1, 0.9), ("b", 0, 0.7), ("b", 1, 0.7), ("a", 2, 0.5))]}
     diff, half = cf.difference(results, "a", "b")        # seed 2 has no b: left out
     assert diff == pytest.approx(15.0) and half > 0
+    as_compare_writes_it = dict(runs=results["runs"], config=results.pop("budget"))
+    assert cf.difference(as_compare_writes_it, "a", "b") == (diff, half)
     committed = json.loads((ROOT / "results" / "compare" / "results.json").read_text(encoding="utf-8"))
     rows, words = cf.verdicts(committed)
     assert [r[1] for r in rows][:2] == ["post-block − full fine-tuning", "post-block − post-MLP"]

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:                   # run as a script: model.py is o
     sys.path.insert(0, str(ROOT))
 from model import write_atomically  # noqa: E402
 from runtime import OneLineParser  # noqa: E402
-from tools.stats import CLAIMS, combined, verdict  # noqa: E402
+from tools.stats import CLAIMS, combined, table_config, verdict  # noqa: E402
 
 LABEL = {"linear_block_out": "post-block", "full": "full fine-tuning", "linear_mlp_out": "post-MLP",
          "linear_attn_out": "pre-MLP", "joint": "joint", "lora": "LoRA"}
@@ -55,7 +55,8 @@ def difference(results, a, b):
     if not seeds:
         raise ValueError(f"no final runs of both {a} and {b} in the results")
     diffs = np.array([acc_a[s] - acc_b[s] for s in seeds])
-    n = results["budget"]["n_eval"] * len(results["budget"]["tasks"]) * len(seeds)  # prompts
+    budget = table_config(results)
+    n = budget["n_eval"] * len(budget["tasks"]) * len(seeds)                     # prompts
     p_a, p_b = np.mean([acc_a[s] for s in seeds]), np.mean([acc_b[s] for s in seeds])
     prompt_se = np.sqrt(p_a * (1 - p_a) / n + p_b * (1 - p_b) / n)
     seed_se = diffs.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
@@ -108,7 +109,7 @@ def main(argv=None):
             results = json.loads((ROOT / path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read it ({e})") from None
-        budget = results["budget"]
+        budget = table_config(results)
         name = f"{name}: {len(budget['tasks'])} task(s) × {budget['seeds']} seed(s)"
         models[name] = verdicts(results)
         print(f"{name}: {path}, tasks {', '.join(budget['tasks'])}")

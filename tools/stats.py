@@ -166,6 +166,12 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def table_config(results):
+    """A comparison's results.json -> its budget (tasks, seeds, steps, n_eval, ...): compare.py
+    writes it under "config"; results/compare and results/smollm2/compare hold it under "budget"."""
+    return results["config"] if "config" in results else results["budget"]
+
+
 def majority_baseline(splits):
     """Answer every test prompt with train's commonest completion -> (it, its test accuracy)."""
     answer = Counter(c for _, c in splits["train"]).most_common(1)[0][0]

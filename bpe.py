@@ -14,19 +14,13 @@ import os
 
 import tiktoken
 
+from formats import read_json
+
 
 def unsupported(source, field, value):
     """The one-line refusal of a setting our model does not implement (checkpoints.py uses it too)."""
     return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
                       "compute something else); not loaded")
-
-
-def read_json(path):
-    """The JSON file at path as a dict; {} when there is no such file."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,29 +7,25 @@ checkpoints.py: other people's checkpoints as our GPT, each with its own tokeniz
     model, enc = load("model.pt")       # our own checkpoint (GPT.save); or gpt2 .. gpt2-xl (online)
 
 enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges (bpe.py), with
-enc.stop_tokens (the ids that end the model's turn) and enc.chat_template (or None).
-Every setting in a file that changes what the model computes is either implemented exactly or
-refused in one line that names it: a checkpoint is never loaded wrong. No code in a file runs.
+enc.stop_tokens (the ids that end the model's turn) and enc.chat_template (or None). formats.py
+reads the files, running no code in them. Every setting in a file that changes what the model
+computes is either implemented exactly or refused in one line that names it: a checkpoint is
+never loaded wrong.
 """
 import importlib.util
-import json
 import os
 import urllib.request
 
 import torch
 
-from bpe import read_json, tokenizer_from_gguf, tokenizer_from_json, unsupported
+from bpe import tokenizer_from_gguf, tokenizer_from_json, unsupported
+from formats import is_gguf, read_gguf, read_json, read_weights
 from model import GPT, GPTConfig, write_atomically
 from tasks import byte_encoding, get_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NAMES = (SMOLLM2, *GPT2_NAMES)                       # checkpoints known by name, not by path
-
-
-def is_gguf(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"                  # the format's magic bytes, whatever the suffix
 
 
 def recorded_tokenizer(path):
@@ -54,51 +50,7 @@ def is_pretrained_lm(name_or_path):
     return is_gguf(name_or_path) or recorded_tokenizer(name_or_path) not in (None, "bytes")
 
 # ---------------------------------------------------------------------------------------------
-# weights
-
-
-def read_safetensors(path):
-    """The safetensors format: 8 bytes little-endian header size, a JSON header mapping each name
-    to its dtype, shape and byte range, then the raw bytes. A dozen lines, no code execution."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        data = bytearray(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which nanosteer does not read")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
-        tensors[name] = flat.reshape(info["shape"]).float()
-    return tensors
-
-
-def read_weights(folder):
-    """model.safetensors, or the shards listed in model.safetensors.index.json (what
-    save_pretrained writes for large models), or a pytorch_model.bin of plain tensors."""
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    if os.path.isfile(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        if any(os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)) for s in shards):
-            raise ValueError(f"{index} names shards that are not files in {folder}")
-        tensors = {}
-        for shard in shards:
-            tensors |= read_safetensors(os.path.join(folder, shard))
-        return tensors
-    path = os.path.join(folder, "pytorch_model.bin")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no weights: nanosteer reads model.safetensors, its shards "
-                         "(model.safetensors.index.json) or pytorch_model.bin")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)       # no code runs
-    except Exception as e:  # the pickle holds more than tensors, or is no pickle at all
-        raise ValueError(f"{path} is not a plain file of tensors ({type(e).__name__}), so nanosteer "
-                         "refuses it (it could run code); use its model.safetensors") from None
+# their tensor names and configs -> our GPT
 
 
 def build(config, tensors, source):
@@ -218,18 +170,6 @@ def load_hf_dir(folder):
     tensors = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # θ says it
     outer = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
     return build(config, rename(tensors, "model.layers.", outer, HF_LLAMA, folder), folder)
-
-
-def read_gguf(path):
-    """The gguf package's reader (the format's reference): metadata parsed, tensors mapped, not read."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
-    try:
-        return gguf, gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt files fail in many ways inside the reader
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: truncated or corrupt?)") from None
 
 
 def gguf_config(meta, names, n_vocab, path):

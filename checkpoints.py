@@ -18,8 +18,8 @@ import urllib.request
 
 import torch
 
-from bpe import tokenizer_from_gguf, tokenizer_from_json, unsupported
-from formats import is_gguf, read_gguf, read_json, read_weights
+from bpe import tokenizer_from_gguf, tokenizer_from_json
+from formats import is_gguf, read_gguf, read_json, read_weights, unsupported
 from model import GPT, GPTConfig, write_atomically
 from tasks import byte_encoding, get_tokenizer
 

@@ -10,6 +10,12 @@ import os
 import torch
 
 
+def unsupported(source, field, value):
+    """The one-line refusal of a setting our model does not implement (bpe.py, checkpoints.py)."""
+    return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
+                      "compute something else); not loaded")
+
+
 def is_gguf(path):
     """A GGUF file, whatever its suffix: the format's magic bytes."""
     with open(path, "rb") as f:

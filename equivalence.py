@@ -56,9 +56,9 @@ def mlp_first_order(mlp, h, delta, proj_term=True):
     proj_term=False leaves ΔW_proj m out (the slope-1 control)."""
     u = mlp.c_fc(h)
     if mlp.gated:               # GLU, m = silu(g) ⊙ u: δm = silu'(g) ⊙ u ⊙ δg + silu(g) ⊙ δu
-        g, sg = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))       # silu(g) = g ς(g), sg = ς(g),
+        g, sg = mlp.c_gate(h), torch.sigmoid(mlp.c_gate(h))       # sg = sigmoid(g), silu(g) = g sg,
         dm = sg * (1 + g * (1 - sg)) * u * linear_change(delta, "c_gate", h) \
-            + g * sg * linear_change(delta, "c_fc", h)            # silu'(g) = ς(g)(1 + g(1 − ς(g)))
+            + g * sg * linear_change(delta, "c_fc", h)            # silu'(g) = sg (1 + g (1 − sg))
     else:                       # GELU: δm = gelu'(u) ⊙ (ΔW_fc h + Δb_fc)
         dm = gelu_prime(u) * linear_change(delta, "c_fc", h)
     dy = dm @ mlp.c_proj.weight.T + delta.get("c_proj.bias", 0.0)
@@ -106,7 +106,7 @@ def first_order(model, x, layer, kind, eps=EPS):
 def projection_error(block, x, rank=RANK, seed=0):
     """Max |U D y − U D (I − Π) z| in a block where Π z = p (in the unmodified block: no such Π)."""
     g, d = torch.Generator().manual_seed(seed), x.shape[-1]
-    Q = torch.linalg.qr(torch.randn(d, d, generator=g).to(x)).Q[:, : d // 2]
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g).to(x)).Q[:, : d // 2]  # a QR basis; Π = Q Qᵀ
     Pi, I = Q @ Q.T, torch.eye(d).to(x)                   # Π projects onto the skip term's subspace
     split = copy.deepcopy(block)                          # attention writes into col(Π), the MLP
     for linear, proj in ((split.attn.c_proj, Pi), (split.mlp.c_proj, I - Pi)):  # into col(I − Π)

@@ -193,11 +193,13 @@ def train_watching(argv, every=10, project_writes=False):
             log["write"].append(write)
     return log
 
-def _quiet():                                    # train.py's progress lines: not needed here
-    return contextlib.redirect_stdout(io.StringIO())
-
 # ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 1
+# the exercise solutions: solution_<notebook>_<exercise>
+
+def train_quietly(argv):
+    """train.py's run for these arguments, without its progress lines -> its results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.train(train.resolve_args(train.parse_args(argv)))
 
 def erf_gelu_prime(u):          # the exact GELU u·Φ(u) (GPT-2 uses tanh's approximation): Φ(u) + u·φ(u)
     return 0.5 * (1 + torch.erf(u / 2 ** 0.5)) + u * (torch.exp(-u ** 2 / 2) / (2 * torch.pi) ** 0.5)
@@ -245,9 +247,6 @@ def solution_1_3(model, idx, layer, rank=4):
     ranks = [int(torch.linalg.matrix_rank(a, rtol=1e-9)) for a in (du, dm)]     # σ > 1e-9 σ_max
     return dict(u=ranks[0], m=ranks[1], width=dm.shape[-1])
 
-# ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 2
-
 def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
     """Exercise 2.1: the oracle at every layer but `leave_out`, times `scale` -> max |z − z_FT| per
     layer: zero up to the left-out layer, then the error that layer leaves, carried on by the rest."""
@@ -264,10 +263,8 @@ def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
 def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
     """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(ranks: each block's
     weight change per Linear, ≤ rank by the bridge; fitted: where_to_steer's table and skip share)."""
-    argv = ["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq", "--init", checkpoint,
-            "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"]
-    with _quiet():
-        train.train(train.resolve_args(train.parse_args(argv)))
+    train_quietly(["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq", "--init", checkpoint,
+                   "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"])
     tuned = ns.merge(adapters.load(GPT.load(checkpoint).double(), work + "/run/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
@@ -283,9 +280,6 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
         fitted.append(eq.where_to_steer(b, streams[layer].detach(), update))
     return dict(ranks=ranks, fitted=fitted)
 
-# ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 3
-
 def solution_3_1(checkpoint, work, steps, batch, n_train, lora_rank=1):
     """Exercise 3.1: equal budgets across sites. LoRA rank r_l on every Linear has 16·d·r_l parameters per
     block (r(d+3d) + r(d+d) + r(d+4d) + r(4d+d)); a rank-r_s shift has 2·d·r_s; so r_s = 8·r_l.
@@ -296,12 +290,8 @@ def solution_3_1(checkpoint, work, steps, batch, n_train, lora_rank=1):
     runs = {f"LoRA r={lora_rank}": ["--mode", "weight", "--lora-rank", str(lora_rank)],
             f"post-block r={r_s}": ["--mode", "activation", "--site", "post_block", "--rank", r_s],
             f"post-MLP r={r_s}": ["--mode", "activation", "--site", "post_mlp", "--rank", r_s]}
-    results = {}
-    for i, (name, flags) in enumerate(runs.items()):
-        with _quiet():
-            results[name] = train.train(train.resolve_args(train.parse_args(
-                [*common, *flags, "--out-dir", f"{work}/ex31-{i}"])))
-    return results
+    return {name: train_quietly([*common, *flags, "--out-dir", f"{work}/ex31-{i}"])
+            for i, (name, flags) in enumerate(runs.items())}
 
 def solution_3_2(argv, everies=(1, 10, 0), every=5):
     """Exercise 3.2: how often to orthogonalize -> {ortho_every: train_watching log} (the read overlap is

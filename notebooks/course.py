@@ -1,7 +1,6 @@
 """
-notebooks/course.py: what only the course's notebooks need (Adila et al., 2026, "Weight Updates as
-Activation Shifts"; the sections cited are docs/THEORY.md's). The notebooks put the repository root
-on sys.path before importing it.
+notebooks/course.py: what only the course's notebooks need; they import it with the repository root
+on sys.path (Adila et al., 2026, "Weight Updates as Activation Shifts"; § as in docs/THEORY.md).
 
 - notebook 2: steers fitted to the oracle, and the paper's metric, KL(tuned ‖ steered) (§6);
 - notebook 3: how much a joint adapter's steer reads and writes where its LoRA writes (§7);
@@ -80,9 +79,8 @@ def oracle_inputs(base, tuned, idx, site):
     with ns.capture(tuned, ["block_out"]) as acts:
         tuned(idx)
     streams = [base.embed(idx)] + acts["block_out"][:-1]        # z_FT,ℓ−1 (ns.oracle's convention)
-    deltas = ns.oracle(base, tuned, idx)
     return [(block.probe(x, site)[1].flatten(0, 1), delta.flatten(0, 1))
-            for block, x, delta in zip(base.transformer.h, streams, deltas)]
+            for block, x, delta in zip(base.transformer.h, streams, ns.oracle(base, tuned, idx))]
 
 ORACLE_ROWS = {"vector": ("block_out", "vector"), "linear U·D·z": ("block_out", "linear"),   # name: (site, kind)
                "nonlinear, linear start": ("block_out", "nonlinear"),
@@ -117,22 +115,21 @@ def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2), 
 
     def kl(site=None, shifts=None):
         return kl_to_tuned(target, steered_logits(base, tuned, idx_test, site, shifts), mask)
-    rows = {"no steer": ([0.0] * layers, kl())}
     oracle = [eq.Replay(delta) for delta in ns.oracle(base, tuned, idx_test)]
-    rows["oracle"] = ([1.0] * layers, kl("block_out", oracle))
+    rows = {"no steer": ([0.0] * layers, kl()), "oracle": ([1.0] * layers, kl("block_out", oracle))}
     for name, (site, kind) in ORACLE_ROWS.items():
         if names is None or name in names:
             inputs = oracle_inputs(base, tuned, idx_fit, site)
-            fits = [fit_oracle(s, delta, kind, rank, seeds)[0] for s, delta in inputs]
-            rows[name] = ([share_recovered(f, s, d) for f, (s, d) in zip(fits, inputs)], kl(site, fits))
+            fitted = [fit_oracle(s, delta, kind, rank, seeds)[0] for s, delta in inputs]
+            shares = [share_recovered(f, s, d) for f, (s, d) in zip(fitted, inputs)]
+            rows[name] = (shares, kl(site, fitted))
     return rows
 
 # ---------------------------------------------------------------------------------------------
 # notebook 3: what a joint adapter's steer reads and writes, during training; the baseline
 
 def majority_baseline(task, seed=0):
-    """compare.py's majority-class row: every test prompt answered with train's commonest
-    completion -> (that answer, its test accuracy)."""
+    """compare.py's majority-class row: train's commonest completion -> (it, its test accuracy)."""
     return stats.majority_baseline(tasks.make_splits(task, seed))
 
 @torch.no_grad()
@@ -143,13 +140,10 @@ def overlaps(model):
     shares = []
     for block in model.transformer.h:
         B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
-        if B.abs().max() == 0:
-            shares.append((float("nan"), float("nan")))
-            continue
         V = torch.linalg.qr(B).Q                                    # (d, r)
-        D, U = shift.D, shift.U
-        shares.append(((D @ V).norm().item() / D.norm().item(),
-                       (V.T @ U).norm().item() / max(U.norm().item(), 1e-30)))
+        read = (shift.D @ V).norm().item() / shift.D.norm().item()
+        write = (V.T @ shift.U).norm().item() / max(shift.U.norm().item(), 1e-30)
+        shares.append((read, write) if B.abs().max() > 0 else (float("nan"), float("nan")))
     return shares
 
 @torch.no_grad()
@@ -201,12 +195,14 @@ def train_quietly(argv):
     with contextlib.redirect_stdout(io.StringIO()):
         return train.train(train.resolve_args(train.parse_args(argv)))
 
-def erf_gelu_prime(u):          # the exact GELU u·Φ(u) (GPT-2 uses tanh's approximation): Φ(u) + u·φ(u)
-    return 0.5 * (1 + torch.erf(u / 2 ** 0.5)) + u * (torch.exp(-u ** 2 / 2) / (2 * torch.pi) ** 0.5)
+def erf_gelu_prime(u):      # (u·Φ(u))' = Φ(u) + u·φ(u), the exact GELU's; GPT-2 uses the tanh form
+    phi = torch.exp(-u ** 2 / 2) / (2 * torch.pi) ** 0.5
+    return 0.5 * (1 + torch.erf(u / 2 ** 0.5)) + u * phi
 
 def solution_1_1(block, x, d_mlp):
-    """Exercise 1.1: the first-order formula with the erf GELU's derivative in term 2. -> dict(eps,
-    errors, slope over the three largest ε (≈ 2), over the three smallest (≈ 1), max |gelu' − erf gelu'|)."""
+    """Exercise 1.1: the first-order formula with the erf GELU's derivative in term 2 -> dict(eps,
+    errors, slope_large ≈ 2 (over the 3 largest ε), slope_small ≈ 1 (the 3 smallest), mismatch =
+    max |gelu' − erf gelu'|)."""
     def formula(b, direction, xx):
         h = b.probe(xx, "mlp_in")[1]
         u = b.mlp.c_fc(h)
@@ -231,8 +227,8 @@ def solution_1_2(block, x, d_mlp):
                    for site in ("mlp_in", "attn_out")} for name in parts}
 
 def solution_1_3(model, idx, layer, rank=4):
-    """Exercise 1.3: how many singular values (above 1e-9 × the largest) the shift of u = W_fc h + b
-    (LoRA on mlp.c_fc) has, and the shift of m = gelu(u) it causes -> dict(u=count, m=count, width)."""
+    """Exercise 1.3: the rank (σ > 1e-9 σ_max) of the shift of u = W_fc h + b that a LoRA on
+    mlp.c_fc makes, and of the shift of m = gelu(u) it causes -> dict(u=rank, m=rank, width of m)."""
     with ns.capture(model, ["mlp_in", "mlp_hidden"]) as acts:
         model(idx)
     lora_model = copy.deepcopy(model)
@@ -244,12 +240,12 @@ def solution_1_3(model, idx, layer, rank=4):
         with ns.capture(lora_model, ["mlp_hidden"]) as acts_lora:
             lora_model(idx)
         dm = (acts_lora["mlp_hidden"][layer] - acts["mlp_hidden"][layer]).flatten(0, 1)
-    ranks = [int(torch.linalg.matrix_rank(a, rtol=1e-9)) for a in (du, dm)]     # σ > 1e-9 σ_max
+    ranks = [int(torch.linalg.matrix_rank(a, rtol=1e-9)) for a in (du, dm)]
     return dict(u=ranks[0], m=ranks[1], width=dm.shape[-1])
 
 def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
     """Exercise 2.1: the oracle at every layer but `leave_out`, times `scale` -> max |z − z_FT| per
-    layer: zero up to the left-out layer, then the error that layer leaves, carried on by the rest."""
+    layer: 0 before the left-out layer, then the error it leaves, carried on by the later layers."""
     deltas = ns.oracle(base, tuned, idx)
     with ns.capture(tuned, ["block_out"]) as acts:
         tuned(idx)
@@ -261,10 +257,11 @@ def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
     return gaps
 
 def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
-    """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(ranks: each block's
-    weight change per Linear, ≤ rank by the bridge; fitted: where_to_steer's table and skip share)."""
-    train_quietly(["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq", "--init", checkpoint,
-                   "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"])
+    """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(ranks: per block,
+    each Linear's weight change's rank, ≤ rank by the bridge; fitted: eq.where_to_steer per block)."""
+    train_quietly(["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq",
+                   "--init", checkpoint, "--steps", str(steps), "--batch-size", str(batch),
+                   "--n-train", "2000", "--out-dir", work + "/run"])
     tuned = ns.merge(adapters.load(GPT.load(checkpoint).double(), work + "/run/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
@@ -273,8 +270,7 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
         base(idx)
     streams = [base.embed(idx)] + acts["block_out"][:-1]
     for layer, (b, t) in enumerate(zip(base.transformer.h, tuned.transformer.h)):
-        tp = dict(t.named_parameters())
-        update = {n: tp[n] - p for n, p in b.named_parameters()}
+        update = {n: t.get_parameter(n) - p for n, p in b.named_parameters()}
         ranks.append({n: int(torch.linalg.matrix_rank(d, rtol=1e-9))      # merged in float64: exact
                       for n, d in update.items() if d.dim() == 2})
         fitted.append(eq.where_to_steer(b, streams[layer].detach(), update))

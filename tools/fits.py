@@ -3,7 +3,8 @@ tools/fits.py: where to steer, measured (docs/THEORY.md §4–§6; Adila et al.,
 weight update stands in for a fine-tune; a shift fitted at a site of the block says how much of
 the update's effect on the block output a steer there can recover. Also: the W_proj = 0 case, the
 oracle shift's rank and fits, the MLP's share of each layer's write. These are measurements, not
-identities: equivalence.py prints them next to its claims, notebook 2 studies them.
+identities: equivalence.py prints them next to its claims, notebook 2 studies them (its oracle fits
+in notebooks/course.py use the same L-BFGS, closed-form linear fit and SiLU start).
 """
 import copy
 

@@ -136,7 +136,7 @@ def majority_baseline(task, seed=0):
 def overlaps(model):
     """Per block: (‖D V‖/‖D‖, ‖Vᵀ U‖/‖U‖), V an orthonormal basis of col(B) of the LoRA on mlp.c_proj:
     how much the block_out steer READS (D) and WRITES (U) in the directions the weight update writes.
-    (nan while B = 0 or U = 0.) A random r×d matrix gives about sqrt(r/d) for either."""
+    (nan while B = 0.) A random r×d matrix gives about sqrt(r/d) for either."""
     shares = []
     for block in model.transformer.h:
         B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift

@@ -1,16 +1,10 @@
 """
-notebooks/course.py: what only the course's notebooks need, kept out of the library (the style guide: such
-functions live next to the notebooks). Adila et al., 2026, "Weight Updates as Activation Shifts";
-the sections cited are those of docs/THEORY.md.
+notebooks/course.py: what only the course's notebooks need; they import it with the repository root
+on sys.path (Adila et al., 2026, "Weight Updates as Activation Shifts"; § as in docs/THEORY.md).
 
-- notebook 2: fitting steers to the oracle from several starts, and the paper's metric, the KL
-  divergence of the steered model to the fine-tuned one (THEORY §6);
-- notebook 3: the overlap of what a joint adapter's steer reads and writes with what its LoRA
-  writes, watched during training (THEORY §7), and majority-class baselines;
-- the exercise solutions of all three notebooks (`solution_<notebook>_<exercise>`), each
-  returning the numbers a lecturer would show; tests/test_notebooks.py checks them.
-
-The notebooks put the repository root on sys.path before importing this file.
+- notebook 2: steers fitted to the oracle, and the paper's metric, KL(tuned ‖ steered) (§6);
+- notebook 3: how much a joint adapter's steer reads and writes where its LoRA writes (§7);
+- the exercise solutions, `solution_<notebook>_<exercise>`: the numbers a lecturer would show.
 """
 import contextlib
 import copy
@@ -22,106 +16,76 @@ import torch.nn.functional as F
 
 import adapters
 import checkpoints
-from tools import compare
 import equivalence as eq
 import nanosteer as ns
 import tasks
 import train
 from model import GPT, gelu_prime
+from tools import fits, stats
 
 # ---------------------------------------------------------------------------------------------
 # notebook 2: fitting a map to the oracle, and the KL divergence of the steered model
 
-
 def share_recovered(shift, s, delta):
-    """1 − ‖Δ(s) − δ‖² / ‖δ‖²: at mlp_out and block_out the shift adds to z directly, so this is
-    eq.fit_shift's score, 1 − ‖z_steered − z_target‖² / ‖z − z_target‖², without running the block."""
+    """1 − ‖Δ(s) − δ‖² / ‖δ‖²: eq.fit_shift's score where the shift adds to z directly."""
     return 1 - ((shift(s) - delta) ** 2).sum().item() / (delta ** 2).sum().item()
 
-
-def lbfgs(shift, s, delta, iters=200):
-    """Fit `shift` in place: full-batch L-BFGS on ‖Δ(s) − δ‖² / ‖δ‖² (as eq.fit_shift: no lr to tune)."""
+def fit_in_place(shift, s, delta, iters=200):
+    """Fit `shift` so that Δ(s) ≈ δ: fits.lbfgs on ‖Δ(s) − δ‖² / ‖δ‖²."""
     scale = (delta ** 2).sum()
-    opt = torch.optim.LBFGS(shift.parameters(), max_iter=iters, tolerance_change=0,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = ((shift(s) - delta) ** 2).sum() / scale
-        value.backward()
-        return value
-
-    opt.step(closure)
+    fits.lbfgs(shift.parameters(), lambda: ((shift(s) - delta) ** 2).sum() / scale, iters)
     return shift
 
-
 def random_start(s, rank, seed, act="silu"):
-    """A nonlinear shift U σ(D s) from a random start: D random with D s of unit spread per
-    direction (σ's curved range, not its linear one), U = 0 as in training."""
+    """U σ(D s) with U = 0 (as in training) and D random, scaled so that D s has unit spread in each
+    direction: σ's curved range, not its linear one."""
     torch.manual_seed(seed)
     shift = ns.NonlinearShift(s.shape[-1], rank, act, s.dtype)
     with torch.no_grad():
         shift.D.div_((s @ shift.D.T).std(0, keepdim=True).T.clamp(min=1e-12))
     return shift
 
-
 def fit_oracle(s, delta, kind, rank=eq.RANK, seeds=(0, 1, 2)):
-    """The best `kind` shift at rank r with Δ(s) ≈ δ (s: what the steer reads, flattened to (N, n);
-    δ: the oracle, (N, d)) -> (shift, share recovered; for "nonlinear random": the share per start).
-    "nonlinear": eq.fit_shift's start (the linear fit scaled into σ's linear range);
-    "nonlinear random": the best of several random starts; "reft": LoReFT's form, started at the linear fit
-    (it holds every rank-r linear map plus a bias in the written directions, so it can only add to it)."""
+    """The best `kind` shift of rank r with Δ(s) ≈ δ (s: what the steer reads, (N, n); δ: the
+    oracle, (N, d)) -> (shift, None), or for "nonlinear random", the best of several random starts,
+    (shift, the share recovered from each start). "nonlinear" and "reft" start at the linear fit."""
     if kind == "nonlinear random":
-        fits = [lbfgs(random_start(s, rank, seed), s, delta) for seed in seeds]
-        shares = [share_recovered(f, s, delta) for f in fits]
-        return fits[int(np.argmax(shares))], shares
-    if kind == "nonlinear":   # eq.fit_shift's recipe, starting from the closed-form linear fit
-        linear, _ = fit_oracle(s, delta, "linear", rank)
-        c = 0.01 / (s @ linear.D.T).abs().max().clamp(min=1e-12)      # |c D s| ≤ 0.01: silu(a) ≈ a/2
+        fitted = [fit_in_place(random_start(s, rank, seed), s, delta) for seed in seeds]
+        shares = [share_recovered(f, s, delta) for f in fitted]
+        return fitted[int(np.argmax(shares))], shares
+    if kind == "nonlinear":   # eq.fit_shift's start: the linear fit, in silu's near-linear range
+        linear = fit_oracle(s, delta, "linear", rank)[0].requires_grad_(False)
         shift = ns.NonlinearShift(s.shape[-1], rank, "silu", s.dtype)
-        with torch.no_grad():
-            shift.D.copy_(c * linear.D)
-            shift.U.copy_(2 / c * linear.U)
-        return lbfgs(shift, s, delta), None
+        shift.D, shift.U = map(torch.nn.Parameter, fits.silu_start(s, linear.D, linear.U))
+        return fit_in_place(shift, s, delta), None
     if kind == "reft":        # LoReFT, Rᵀ(W s + b − R s), from the linear fit U D s: R spans col(U),
         linear, _ = fit_oracle(s, delta, "linear", rank)                  # W = R + R U D, b = 0
-        shift = ns.ReFTShift(s.shape[-1], rank, None, s.dtype)
+        shift = ns.ReFTShift(s.shape[-1], rank, None, s.dtype)           # (holds every rank-r U D)
         with torch.no_grad():
             shift.R_free.copy_(linear.U)
             shift.W.copy_(shift.R() + shift.R() @ linear.U @ linear.D)
-        return lbfgs(shift, s, delta), None                              # then b (and all) move
+        return fit_in_place(shift, s, delta), None                       # then b (and all) move
     torch.manual_seed(0)
     shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu", s.dtype)
-    if kind == "linear":      # reduced-rank least squares: δ ≈ s M, kept to the top-r directions of s M
-        M = torch.linalg.pinv(s) @ delta
-        Vt = torch.linalg.svd(s @ M, full_matrices=False).Vh[:rank]
-        with torch.no_grad():
-            shift.D.copy_(Vt @ M.T)
-            shift.U.copy_(Vt.T)
+    if kind == "linear":      # closed form, as eq.fit_shift's where the shift adds to z directly
+        shift.D, shift.U = map(torch.nn.Parameter, fits.least_squares(s, delta, rank))
         return shift, None
-    return lbfgs(shift, s, delta), None
-
+    return fit_in_place(shift, s, delta), None
 
 def oracle_inputs(base, tuned, idx, site):
-    """Per layer ℓ: (what a steer at `site` of base block ℓ reads on the TUNED stream, the oracle Δ_ℓ),
-    both flattened to (tokens, width). THEORY §6: Δ_ℓ = z_FT,ℓ − block_ℓ(z_FT,ℓ−1), and the steer
-    that should produce Δ_ℓ sees block ℓ's activations on that same stream z_FT,ℓ−1."""
+    """Per layer ℓ: (what a steer at `site` of base block ℓ reads on the TUNED stream, the oracle
+    Δ_ℓ), both (tokens, width). THEORY §6: Δ_ℓ = z_FT,ℓ − block_ℓ(z_FT,ℓ−1), so the steer that
+    should produce Δ_ℓ sees block ℓ's activations on that same stream z_FT,ℓ−1."""
     with ns.capture(tuned, ["block_out"]) as acts:
         tuned(idx)
     streams = [base.embed(idx)] + acts["block_out"][:-1]        # z_FT,ℓ−1 (ns.oracle's convention)
-    deltas = ns.oracle(base, tuned, idx)
     return [(block.probe(x, site)[1].flatten(0, 1), delta.flatten(0, 1))
-            for block, x, delta in zip(base.transformer.h, streams, deltas)]
-
+            for block, x, delta in zip(base.transformer.h, streams, ns.oracle(base, tuned, idx))]
 
 ORACLE_ROWS = {"vector": ("block_out", "vector"), "linear U·D·z": ("block_out", "linear"),   # name: (site, kind)
                "nonlinear, linear start": ("block_out", "nonlinear"),
                "nonlinear, best random start": ("block_out", "nonlinear random"),
                "ReFT form at block_out": ("block_out", "reft"), "ReFT at mlp_out (reads y)": ("mlp_out", "reft")}
-
-
-Fixed = eq.Replay        # a "shift" that adds a stored (B, T, d) tensor: the oracle for one batch of prompts
-
 
 @torch.no_grad()
 def steered_logits(base, tuned, idx, site=None, shifts=None):
@@ -134,74 +98,67 @@ def steered_logits(base, tuned, idx, site=None, shifts=None):
         z = block.probe(z, site, shift)[0] if shift is not None else block(z)
     return tuned.lm_head(tuned.transformer.ln_f(z))
 
-
 @torch.no_grad()
 def kl_to_tuned(tuned_logits, logits, mask):
-    """Mean over the positions in mask of KL(p_tuned ‖ p_steered), in nats: the paper's metric."""
+    """The paper's metric: KL(p_tuned ‖ p_steered) in nats, the mean over the positions in mask."""
     log_p, log_q = F.log_softmax(tuned_logits, -1), F.log_softmax(logits, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)                     # (B, T)
     return kl[mask].mean().item()
 
-
-def real_tokens(idx, eot):
-    """(B, T) mask of the positions before each row's padding (pack pads with <eot> after the answer)."""
-    return (idx == eot).cumsum(1) <= 2          # <eot> prompt completion <eot>, then <eot> padding
-
-
 def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2), names=None):
-    """THEORY §6 with the paper's metric. Every layer's steer is fitted on idx_fit to that layer's
-    oracle (reading the tuned stream); then all layers are steered at once on idx_test, and the KL to
-    the tuned model is measured. names: the fitted rows to include (default: all of ORACLE_ROWS).
-    -> {row: (share recovered per layer, KL)}."""
+    """THEORY §6 with the paper's metric: every layer's steer is fitted on idx_fit to that layer's
+    oracle, then all layers are steered at once on idx_test. names: the rows of ORACLE_ROWS to fit
+    (default: all). -> {row: (share recovered per layer, KL to the tuned model)}."""
     eot = tasks.get_tokenizer("bytes").eot_token
-    target, mask = tuned(idx_test)[0].detach(), real_tokens(idx_test, eot)
-    no_steer = kl_to_tuned(target, steered_logits(base, tuned, idx_test), mask)
-    rows = {"no steer": ([0.0] * base.config.n_layer, no_steer)}
-    oracle = [Fixed(d) for d in ns.oracle(base, tuned, idx_test)]
-    rows["oracle"] = ([1.0] * base.config.n_layer,
-                      kl_to_tuned(target, steered_logits(base, tuned, idx_test, "block_out", oracle), mask))
+    target, layers = tuned(idx_test)[0].detach(), base.config.n_layer
+    mask = (idx_test == eot).cumsum(1) <= 2      # <eot> prompt completion <eot>, then <eot> padding
+
+    def kl(site=None, shifts=None):
+        return kl_to_tuned(target, steered_logits(base, tuned, idx_test, site, shifts), mask)
+    oracle = [eq.Replay(delta) for delta in ns.oracle(base, tuned, idx_test)]
+    rows = {"no steer": ([0.0] * layers, kl()), "oracle": ([1.0] * layers, kl("block_out", oracle))}
     for name, (site, kind) in ORACLE_ROWS.items():
-        if names is not None and name not in names:
-            continue
-        inputs = oracle_inputs(base, tuned, idx_fit, site)
-        fits = [fit_oracle(s, delta, kind, rank, seeds)[0] for s, delta in inputs]
-        shares = [share_recovered(f, s, d) for f, (s, d) in zip(fits, inputs)]
-        rows[name] = (shares, kl_to_tuned(target, steered_logits(base, tuned, idx_test, site, fits), mask))
+        if names is None or name in names:
+            inputs = oracle_inputs(base, tuned, idx_fit, site)
+            fitted = [fit_oracle(s, delta, kind, rank, seeds)[0] for s, delta in inputs]
+            shares = [share_recovered(f, s, d) for f, (s, d) in zip(fitted, inputs)]
+            rows[name] = (shares, kl(site, fitted))
     return rows
 
 # ---------------------------------------------------------------------------------------------
-# notebook 3: what a joint adapter's steer reads and writes, during training; baselines
-
+# notebook 3: what a joint adapter's steer reads and writes, during training; the baseline
 
 def majority_baseline(task, seed=0):
-    """compare.py's majority-class row for one task and seed: answer every test prompt with train's
-    commonest completion -> (that answer, its test accuracy)."""
-    return compare.majority_baseline(tasks.make_splits(task, seed))
-
+    """compare.py's majority-class row: train's commonest completion -> (it, its test accuracy)."""
+    return stats.majority_baseline(tasks.make_splits(task, seed))
 
 @torch.no_grad()
 def overlaps(model):
     """Per block: (‖D V‖/‖D‖, ‖Vᵀ U‖/‖U‖), V an orthonormal basis of col(B) of the LoRA on mlp.c_proj:
     how much the block_out steer READS (D) and WRITES (U) in the directions the weight update writes.
-    (nan while B = 0 or U = 0.) A random r×d matrix gives about sqrt(r/d) for either."""
+    (nan while B = 0.) A random r×d matrix gives about sqrt(r/d) for either."""
     shares = []
     for block in model.transformer.h:
         B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
-        if B.abs().max() == 0:
-            shares.append((float("nan"), float("nan")))
-            continue
         V = torch.linalg.qr(B).Q                                    # (d, r)
-        D, U = shift.D, shift.U
-        shares.append(((D @ V).norm().item() / D.norm().item(),
-                       (V.T @ U).norm().item() / max(U.norm().item(), 1e-30)))
+        read = (shift.D @ V).norm().item() / shift.D.norm().item()
+        write = (V.T @ shift.U).norm().item() / max(shift.U.norm().item(), 1e-30)
+        shares.append((read, write) if B.abs().max() > 0 else (float("nan"), float("nan")))
     return shares
 
+@torch.no_grad()
+def project_steer_writes(model):
+    """U ← (I − V Vᵀ) U per block: the steer no longer WRITES where the MLP's LoRA writes."""
+    for block in model.transformer.h:
+        B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
+        if B.abs().max() > 0:
+            V = torch.linalg.qr(B).Q
+            shift.U -= V @ (V.T @ shift.U)
 
 def train_watching(argv, every=10, project_writes=False):
-    """train.py's training loop for --mode joint, step for step (same seed, batches, lr schedule,
-    constraint), recording overlaps(model) every `every` steps. project_writes: also apply the
-    constraint to the steer's writes, U ← (I − V Vᵀ) U (exercise 3 of notebook 3).
-    -> dict(steps, read, write (per record, per block), losses)."""
+    """train.py's loop for --mode joint, step for step (same seed, batches, lr schedule, constraint),
+    recording overlaps(model) every `every` steps. project_writes: also project the steer's writes
+    (exercise 3.3). -> dict(steps, read, write (per record, per block), losses)."""
     args = train.resolve_args(train.parse_args(argv))
     splits = tasks.make_splits(args.task, args.seed, args.n_train)
     base, enc = checkpoints.load(args.init)          # as train.train: loaded before build_model seeds
@@ -230,29 +187,22 @@ def train_watching(argv, every=10, project_writes=False):
             log["write"].append(write)
     return log
 
-
-@torch.no_grad()
-def project_steer_writes(model):
-    """U ← (I − V Vᵀ) U per block: the steer no longer WRITES where the MLP's LoRA writes."""
-    for block in model.transformer.h:
-        B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
-        if B.abs().max() > 0:
-            V = torch.linalg.qr(B).Q
-            shift.U -= V @ (V.T @ shift.U)
-
 # ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 1
+# the exercise solutions: solution_<notebook>_<exercise>
 
+def train_quietly(argv):
+    """train.py's run for these arguments, without its progress lines -> its results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.train(train.resolve_args(train.parse_args(argv)))
 
-def erf_gelu_prime(u):
-    """d/du of the exact GELU u·Φ(u): Φ(u) + u·φ(u) (GPT-2 uses the tanh approximation instead)."""
+def erf_gelu_prime(u):      # (u·Φ(u))' = Φ(u) + u·φ(u), the exact GELU's; GPT-2 uses the tanh form
     phi = torch.exp(-u ** 2 / 2) / (2 * torch.pi) ** 0.5
     return 0.5 * (1 + torch.erf(u / 2 ** 0.5)) + u * phi
 
-
 def solution_1_1(block, x, d_mlp):
-    """Exercise 1.1: the first-order formula with the erf GELU's derivative in term 2. -> dict(eps, errors,
-    slope over the three largest ε (≈ 2), over the three smallest (≈ 1), max |gelu' − erf gelu'|)."""
+    """Exercise 1.1: the first-order formula with the erf GELU's derivative in term 2 -> dict(eps,
+    errors, slope_large ≈ 2 (over the 3 largest ε), slope_small ≈ 1 (the 3 smallest), mismatch =
+    max |gelu' − erf gelu'|)."""
     def formula(b, direction, xx):
         h = b.probe(xx, "mlp_in")[1]
         u = b.mlp.c_fc(h)
@@ -266,7 +216,6 @@ def solution_1_1(block, x, d_mlp):
     return dict(eps=eps, errors=errors, slope_large=slope[0], slope_small=slope[1],
                 mismatch=(gelu_prime(u) - erf_gelu_prime(u)).abs().max().item())
 
-
 def solution_1_2(block, x, d_mlp):
     """Exercise 1.2: what an mlp_in steer (Δh, reaching z only as J(h)Δh) and an attn_out steer (the
     paper's pre-MLP: skip path and MLP) recover of an update of W_fc alone (term 2's world) and of
@@ -277,10 +226,9 @@ def solution_1_2(block, x, d_mlp):
     return {name: {site: eq.fit_shift(block, site, "linear", x, target[name])[1]
                    for site in ("mlp_in", "attn_out")} for name in parts}
 
-
 def solution_1_3(model, idx, layer, rank=4):
-    """Exercise 1.3: singular values above 1e-9 × the largest, of the shift of u = W_fc h + b (LoRA on
-    mlp.c_fc) and of the shift of m = gelu(u) that it causes -> dict(u=count, m=count)."""
+    """Exercise 1.3: the rank (σ > 1e-9 σ_max) of the shift of u = W_fc h + b that a LoRA on
+    mlp.c_fc makes, and of the shift of m = gelu(u) it causes -> dict(u=rank, m=rank, width of m)."""
     with ns.capture(model, ["mlp_in", "mlp_hidden"]) as acts:
         model(idx)
     lora_model = copy.deepcopy(model)
@@ -292,19 +240,12 @@ def solution_1_3(model, idx, layer, rank=4):
         with ns.capture(lora_model, ["mlp_hidden"]) as acts_lora:
             lora_model(idx)
         dm = (acts_lora["mlp_hidden"][layer] - acts["mlp_hidden"][layer]).flatten(0, 1)
-
-    def count(a):
-        sv = torch.linalg.svdvals(a)
-        return int((sv > 1e-9 * sv[0]).sum())
-    return dict(u=count(du), m=count(dm), width=dm.shape[-1])
-
-# ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 2
-
+    ranks = [int(torch.linalg.matrix_rank(a, rtol=1e-9)) for a in (du, dm)]
+    return dict(u=ranks[0], m=ranks[1], width=dm.shape[-1])
 
 def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
-    """Exercise 2.1: the oracle at every layer but `leave_out` (and times `scale`) -> max |z − z_FT| per
-    layer: zero up to the left-out layer, then the error that layer leaves, carried on by the rest."""
+    """Exercise 2.1: the oracle at every layer but `leave_out`, times `scale` -> max |z − z_FT| per
+    layer: 0 before the left-out layer, then the error it leaves, carried on by the later layers."""
     deltas = ns.oracle(base, tuned, idx)
     with ns.capture(tuned, ["block_out"]) as acts:
         tuned(idx)
@@ -315,14 +256,12 @@ def solution_2_1(base, tuned, idx, leave_out, scale=1.0):
             gaps.append((z - z_ft).abs().max().item())
     return gaps
 
-
 def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
-    """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(rank of each block's
-    weight change per Linear (≤ rank: the bridge), where_to_steer table and skip share per block)."""
-    argv = ["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq", "--init", checkpoint,
-            "--steps", str(steps), "--batch-size", str(batch), "--n-train", "2000", "--out-dir", work + "/run"]
-    with _quiet():
-        train.train(train.resolve_args(train.parse_args(argv)))
+    """Exercise 2.2: a rank-4 LoRA fine-tune instead of a full one, merged -> dict(ranks: per block,
+    each Linear's weight change's rank, ≤ rank by the bridge; fitted: eq.where_to_steer per block)."""
+    train_quietly(["--mode", "weight", "--lora-rank", str(rank), "--task", "boolq",
+                   "--init", checkpoint, "--steps", str(steps), "--batch-size", str(batch),
+                   "--n-train", "2000", "--out-dir", work + "/run"])
     tuned = ns.merge(adapters.load(GPT.load(checkpoint).double(), work + "/run/adapters.pt")).eval()
     ranks, fitted = [], []
     idx, _ = tasks.pack(tasks.make_splits("boolq", 0, n_train=0)["test"][:16], tasks.get_tokenizer("bytes"),
@@ -331,20 +270,11 @@ def solution_2_2(base, checkpoint, work, steps, batch, rank=4):
         base(idx)
     streams = [base.embed(idx)] + acts["block_out"][:-1]
     for layer, (b, t) in enumerate(zip(base.transformer.h, tuned.transformer.h)):
-        tp = dict(t.named_parameters())
-        update = {n: tp[n] - p for n, p in b.named_parameters()}
+        update = {n: t.get_parameter(n) - p for n, p in b.named_parameters()}
         ranks.append({n: int(torch.linalg.matrix_rank(d, rtol=1e-9))      # merged in float64: exact
                       for n, d in update.items() if d.dim() == 2})
         fitted.append(eq.where_to_steer(b, streams[layer].detach(), update))
     return dict(ranks=ranks, fitted=fitted)
-
-
-def _quiet():                                   # train.py's progress lines: not needed here
-    return contextlib.redirect_stdout(io.StringIO())
-
-# ---------------------------------------------------------------------------------------------
-# exercise solutions, notebook 3
-
 
 def solution_3_1(checkpoint, work, steps, batch, n_train, lora_rank=1):
     """Exercise 3.1: equal budgets across sites. LoRA rank r_l on every Linear has 16·d·r_l parameters per
@@ -356,19 +286,13 @@ def solution_3_1(checkpoint, work, steps, batch, n_train, lora_rank=1):
     runs = {f"LoRA r={lora_rank}": ["--mode", "weight", "--lora-rank", str(lora_rank)],
             f"post-block r={r_s}": ["--mode", "activation", "--site", "post_block", "--rank", r_s],
             f"post-MLP r={r_s}": ["--mode", "activation", "--site", "post_mlp", "--rank", r_s]}
-    results = {}
-    for i, (name, flags) in enumerate(runs.items()):
-        with _quiet():
-            results[name] = train.train(train.resolve_args(train.parse_args(
-                [*common, *flags, "--out-dir", f"{work}/ex31-{i}"])))
-    return results
-
+    return {name: train_quietly([*common, *flags, "--out-dir", f"{work}/ex31-{i}"])
+            for i, (name, flags) in enumerate(runs.items())}
 
 def solution_3_2(argv, everies=(1, 10, 0), every=5):
     """Exercise 3.2: how often to orthogonalize -> {ortho_every: train_watching log} (the read overlap is
     ~0 right after each projection and grows between projections)."""
     return {k: train_watching([*argv, "--ortho-every", str(k)], every=every) for k in everies}
-
 
 def solution_3_3(argv, every=10):
     """Exercise 3.3: constrain the steer's writes as well as its reads -> train_watching log."""

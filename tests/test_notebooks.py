@@ -427,11 +427,9 @@ def test_solution_3_2_and_3_3_the_constraint_zeroes_the_overlap_right_after_each
 
 
 def test_train_watching_repeats_train_py_step_for_step(tiny_checkpoint, tmp_path):
-    import train
     argv = ["--mode", "joint", "--task", "boolq", "--init", tiny_checkpoint, "--steps", "6", "--batch-size", "8",
             "--n-train", "100"]
-    with course._quiet():
-        reference = train.train(train.resolve_args(train.parse_args([*argv, "--out-dir", str(tmp_path)])))
+    reference = course.train_quietly([*argv, "--out-dir", str(tmp_path)])
     assert course.train_watching(argv, every=3)["losses"] == pytest.approx(reference["losses"], rel=1e-6)
 
 

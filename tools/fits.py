@@ -3,7 +3,8 @@ tools/fits.py: where to steer, measured (docs/THEORY.md §4–§6; Adila et al.,
 weight update stands in for a fine-tune; a shift fitted at a site of the block says how much of
 the update's effect on the block output a steer there can recover. Also: the W_proj = 0 case, the
 oracle shift's rank and fits, the MLP's share of each layer's write. These are measurements, not
-identities: equivalence.py prints them next to its claims, notebook 2 studies them.
+identities: equivalence.py prints them next to its claims, notebook 2 studies them (its oracle fits
+in notebooks/course.py use the same L-BFGS, closed-form linear fit and SiLU start).
 """
 import copy
 
@@ -37,6 +38,34 @@ def with_update(module, update):
     return module
 
 
+def lbfgs(params, loss, iters=100):
+    """Minimize loss() over params by full-batch L-BFGS: no lr to tune."""
+    params = list(params)
+    opt = torch.optim.LBFGS(params, max_iter=iters, tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward(inputs=params)       # only params: a block's own weights stay out of it
+        return value
+    opt.step(closure)
+
+
+def least_squares(s, delta, rank):
+    """The rank-r linear map U D s closest to δ, closed form (reduced-rank least squares): δ ≈ s M,
+    kept to the top-r output directions V of s M, so U D s = s M V Vᵀ -> (D, U) = (Vᵀ Mᵀ, V)."""
+    M = torch.linalg.pinv(s) @ delta
+    Vt = torch.linalg.svd(s @ M, full_matrices=False).Vh[:rank]
+    return Vt @ M.T, Vt.T.contiguous()
+
+
+def silu_start(s, D, U):
+    """A nonlinear shift U σ(D s) that starts as the linear U D s: silu(a) ≈ a/2 near 0, so
+    (2/c) U silu(c D s) ≈ U D s when |c D s| ≤ 0.01 on every token -> (c D, (2/c) U)."""
+    c = 0.01 / (s @ D.T).abs().max().clamp(min=1e-12)
+    return c * D, 2 / c * U
+
+
 def fit_shift(block, site, kind, x, target, rank=RANK):
     """A `kind` shift at `site` fitted (full-batch L-BFGS: no lr to tune) so that block(x) ≈ target,
     and the share recovered, 1 − ‖z_steered − target‖² / ‖z − target‖². A nonlinear shift starts
@@ -44,27 +73,15 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
     torch.manual_seed(0)
     s, delta = block.probe(x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)
     shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu").to(x)
-    if kind == "nonlinear":     # silu(a) ≈ a/2 near 0, so (2/c) U silu(c D s) ≈ U D s for small c
+    if kind == "nonlinear":
         linear = fit_shift(block, site, "linear", x, target, rank)[0].requires_grad_(False)
-        c = 0.01 / (s @ linear.D.T).abs().max().clamp(min=1e-12)    # |c D s| ≤ 0.01 on every token
-        shift.D, shift.U = torch.nn.Parameter(c * linear.D), torch.nn.Parameter(2 / c * linear.U)
-    elif site in ("mlp_out", "block_out") and kind == "linear":   # z moves by exactly U D s, so
-        M = torch.linalg.pinv(s) @ delta                          # δ ≈ s M, kept to the top-r
-        Vt = torch.linalg.svd(s @ M, full_matrices=False).Vh[:rank]   # output directions V:
-        shift.D = torch.nn.Parameter(Vt @ M.T)                    # U D s = s M V Vᵀ (reduced-
-        shift.U = torch.nn.Parameter(Vt.T.contiguous())           # rank least squares)
+        shift.D, shift.U = map(torch.nn.Parameter, silu_start(s, linear.D, linear.U))
+    elif site in ("mlp_out", "block_out") and kind == "linear":   # z moves by exactly U D s
+        shift.D, shift.U = map(torch.nn.Parameter, least_squares(s, delta, rank))
 
     def loss():
         return ((block.probe(x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
-
-    def closure():
-        opt.zero_grad()
-        value = loss()
-        value.backward(inputs=list(shift.parameters()))   # the block's own weights stay out of it
-        return value
-    opt = torch.optim.LBFGS(shift.parameters(), max_iter=100, tolerance_change=0,
-                            line_search_fn="strong_wolfe")
-    opt.step(closure)                                     # (after a closed form: nothing left to do)
+    lbfgs(shift.parameters(), loss)                   # (after a closed form: nothing left to do)
     return shift, 1 - loss().item()
 
 

@@ -52,9 +52,8 @@ def check_layers(model, layers):
 
 def write_files(folder, writers):
     """The one way this repository writes files: {name: write} -> each write(tmp) fills a temporary
-    file in folder; only when every one has succeeded do they replace the old files (os.replace, a
-    rename). A failure or Ctrl-C while writing leaves every old file as it was. A temporary name
-    keeps its file's extension, so savefig still knows the format."""
+    file in folder; only when all have succeeded do they replace the old ones (os.replace, a rename).
+    A failure or Ctrl-C leaves every old file as it was. A temporary keeps its extension (savefig)."""
     os.makedirs(folder or ".", exist_ok=True)
     temporary = {}
     try:

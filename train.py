@@ -327,8 +327,9 @@ def train_once(config):
               f"{f' x {world} processes' if world > 1 else ''}, {dtype}, trainable {params['trainable']:,} of "
               f"{params['base_params']:,} ({params['pct']:.2f}%), accuracy before {base_accuracy:.1%}")
     batches = torch.Generator().manual_seed(config.seed)
-    resume_path = os.path.join(config.out_dir, "resume.pt")
-    start, losses = runtime.load_resume(resume_path, config, model, optimizer, batches) if config.resume else (0, [])
+    start, losses = 0, []
+    if config.resume:
+        start, losses = runtime.load_resume(os.path.join(config.out_dir, "resume.pt"), config, model, optimizer, batches)
     t0 = time.time()
     with proc.ctrl_c:
         losses = train_steps(config, proc, model, optimizer, train_x, train_y, batches, start, losses)

@@ -321,8 +321,14 @@ def test_a_subset_of_methods_reuses_its_runs_in_the_whole_table(tmp_path, monkey
     claims = [line for line in (tmp_path / "out" / "results.md").read_text().splitlines()
               if line.startswith(f"| {compare.LABEL['linear_block_out']} − ")]
     assert claims == [claims[0]] and compare.LABEL["full"] in claims[0]   # the one claim both ran
+    # a claim of two comparisons with one of them run gets no verdict; a method named twice runs once
+    again = stubbed(tmp_path, monkeypatch, tiny_base, "--methods", "linear_mlp_out,linear_block_out,full,full")
+    assert [r["method"] for r in again[1]["runs"]].count("full") == 4                   # 3 rates, seed 1
+    claims = (tmp_path / "out" / "results.md").read_text()
+    assert "- post-block ahead of post-MLP and of pre-MLP: no verdict, 1 of its 2 comparisons run" in claims
+    assert len(again[3].calls) == 4                   # only post-MLP's are new: its sweep and seed 1
     whole = stubbed(tmp_path, monkeypatch, tiny_base)                  # the same folder, every method
-    assert len(whole[3].calls) == 46 - len(stub.calls)                 # the subset's 8 read back
+    assert len(whole[3].calls) == 46 - len(stub.calls) - 4             # the subsets' 12 read back
     with pytest.raises(ValueError, match="--methods takes full, lora"):
         compare.parse_args(["--init", str(tiny_base), "--methods", "full,fine"])
 

@@ -55,8 +55,8 @@ def difference(results, a, b):
     if not seeds:
         raise ValueError(f"no final runs of both {a} and {b} in the results")
     diffs = np.array([acc_a[s] - acc_b[s] for s in seeds])
-    budget = table_config(results)
-    n = budget["n_eval"] * len(budget["tasks"]) * len(seeds)                     # prompts
+    config = table_config(results)
+    n = config["n_eval"] * len(config["tasks"]) * len(seeds)                     # prompts
     p_a, p_b = np.mean([acc_a[s] for s in seeds]), np.mean([acc_b[s] for s in seeds])
     prompt_se = np.sqrt(p_a * (1 - p_a) / n + p_b * (1 - p_b) / n)
     seed_se = diffs.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
@@ -109,10 +109,10 @@ def main(argv=None):
             results = json.loads((ROOT / path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read it ({e})") from None
-        budget = table_config(results)
-        name = f"{name}: {len(budget['tasks'])} task(s) × {budget['seeds']} seed(s)"
+        config = table_config(results)
+        name = f"{name}: {len(config['tasks'])} task(s) × {config['seeds']} seed(s)"
         models[name] = verdicts(results)
-        print(f"{name}: {path}, tasks {', '.join(budget['tasks'])}")
+        print(f"{name}: {path}, tasks {', '.join(config['tasks'])}")
         for claim, label, diff, half, word in models[name][0]:
             print(f"  {label:<32} {diff:+6.1f} ± {half:4.1f} points: {word}")
     fig = draw(models)

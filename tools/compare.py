@@ -13,7 +13,8 @@ a winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a run (t
 process, into runs/<task>-<method>-lr<rates>-seed<s>/) holding results.json, outcomes.json and
 argv.json (same arguments) is read back, not redone. Another config in --out-dir needs --force.
 Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
---methods: a subset of the rows (its runs land in the same folder, read back by a later table).
+--methods: a subset of the rows; its table replaces the folder's, and a later run with every
+method reads the subset's runs back.
 --quick: for tests (boolq, 1 seed, train.py's rates).
 """
 import contextlib
@@ -95,9 +96,10 @@ def parse_args(argv=None):
     args.budget = args.budget or DEFAULT_BUDGET[args.lm, args.quick]
     for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.tasks, args.methods = args.tasks.split(","), args.methods.split(",")
-    if not set(args.methods) <= set(METHODS):
+    args.tasks, methods = args.tasks.split(","), set(args.methods.split(","))
+    if not methods <= set(METHODS):
         raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
+    args.methods = [name for name in METHODS if name in methods]      # once each, in table order
     if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(
             args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "

@@ -153,7 +153,9 @@ def claims_table(test_outcomes, label):
                     f"[{low:+.1f}, {high:+.1f}] | {p} | {word} |")
     head = ["| comparison (a − b) | seeds | difference (points) | 95% interval | McNemar p | "
             "verdict |", "|---|---:|---:|---|---:|---|"]
-    claims = [f"- {claim}: **{combined(w)}**" for claim, w in words.items()]
+    parts = Counter(claim for claim, *_ in CLAIMS)                # comparisons a claim is made of
+    claims = [f"- {claim}: **{combined(w)}**" if len(w) == parts[claim] else
+              f"- {claim}: no verdict, {len(w)} of its {parts[claim]} comparisons run" for claim, w in words.items()]
     return head + rows + [""] + claims
 
 

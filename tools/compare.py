@@ -7,15 +7,13 @@ rank, and the paper's claims, each with a paired 95% interval and a verdict (too
     python tools/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
     python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
 
-Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its
-two together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps);
-a winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a run (train.py in this
-process, into runs/<task>-<method>-lr<rates>-seed<s>/) holding results.json, outcomes.json and
-argv.json (same arguments) is read back, not redone. Another config in --out-dir needs --force.
-Writes results.md, compare.png, results.json, outcomes.json, config.json; appends the logs.
---methods: a subset of the rows; its table replaces the folder's, and a later run with every
-method reads the subset's runs back.
---quick: for tests (boolq, 1 seed, train.py's rates).
+Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its two
+together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps); a
+winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a finished run (train.py in
+this process; runs/<task>-<method>-lr<rates>-seed<s>/ holds its results.json, outcomes.json,
+argv.json) is read back, not redone. Another config in --out-dir needs --force. Writes results.md,
+compare.png, results.json, outcomes.json, config.json; appends the logs. --quick: for tests.
+--methods: some rows only (their table replaces the folder's; a later whole table reads them back).
 """
 import contextlib
 import functools
@@ -96,10 +94,10 @@ def parse_args(argv=None):
     args.budget = args.budget or DEFAULT_BUDGET[args.lm, args.quick]
     for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.tasks, methods = args.tasks.split(","), set(args.methods.split(","))
-    if not methods <= set(METHODS):
-        raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
+    args.tasks, methods = args.tasks.split(","), args.methods.split(",")
     args.methods = [name for name in METHODS if name in methods]      # once each, in table order
+    if not set(methods) <= set(METHODS):
+        raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
     if not set(args.tasks) <= {"listops", "arith", "boolq"} or min(
             args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "

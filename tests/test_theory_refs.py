@@ -4,7 +4,8 @@ Tests of docs/THEORY.md against the rest of the repo:
   Markdown files and the notebooks (sources and outputs) names a "## §n ..." heading of THEORY.md;
 - every code name in the notation table's code column names something in the code;
 - one symbol, one row of the table; the paper, the blog and the official code linked;
-- the SmolLM2 numbers THEORY quotes are the ones results/smollm2/equivalence.log printed;
+- the SmolLM2 numbers THEORY quotes are the ones results/smollm2/equivalence.log printed, the
+  miniature's the ones of results/equivalence.log and results/real_finetune.log;
 - docs/LECTURE.md has its parts, its commands are Python, and the notebook cells its plan names
   (by their headings) exist.
 
@@ -174,6 +175,42 @@ def test_the_smollm2_numbers_quoted_are_the_ones_equivalence_printed():
     assert f"**{oracle[0]} against {oracle[1]}**, noise {oracle[2]}" in theory
     skip = re.search(r"skip share (\d\.\d+)", log)[1]
     assert f"{skip} (SmolLM2" in theory
+
+
+def test_the_miniature_numbers_quoted_are_the_ones_the_committed_logs_printed():
+    """results/equivalence.log (`python equivalence.py`) and results/real_finetune.log
+    (`python tools/real_finetune.py`) against THEORY's miniature numbers."""
+    theory = THEORY.read_text(encoding="utf-8")
+    log = (ROOT / "results" / "equivalence.log").read_text(encoding="utf-8")
+    sites = ("attn_out", "mlp_in", "mlp_out", "block_out")
+    shares = dict(re.findall(r"(attn_out|mlp_in|mlp_out|block_out) (\d\.\d+)", log))
+    row = next(line for line in theory.splitlines() if line.startswith("| miniature, random"))
+    assert row.split("|")[2:6] == [f" {shares[s]} " for s in sites]
+    mlp = re.search(r"MLP share .* per layer: ([\d. ]+)", log)[1].split()
+    flat = " ".join(theory.split())                                   # a phrase may wrap a line
+    assert f"*Measured*: {', '.join(mlp)} on the miniature's layers" in flat
+    skip = re.search(r"skip share ⟨δp, δz⟩/‖δz‖² (\d\.\d+)", log)[1]
+    assert f"{skip} (miniature, block 2" in flat
+    rank = re.search(r"in (\d+) directions \(base block output (\d+), noise (\d+)", log).groups()
+    assert f"{rank[0]} against {rank[1]}, noise {rank[2]} of 128" in flat
+
+    real = (ROOT / "results" / "real_finetune.log").read_text(encoding="utf-8")
+    per_block = [dict(re.findall(r"(attn_out|mlp_in|mlp_out|block_out) (\d\.\d+)", line))
+                 for line in real.splitlines() if line.startswith("block ")]
+    assert len(per_block) == 4
+    row = next(line for line in theory.splitlines() if line.startswith("| miniature, real fine-tune"))
+    assert row.split("|")[2:6] == [f" {min(b[s] for b in per_block)}–{max(b[s] for b in per_block)} "
+                                   for s in sites]
+    zero = re.search(r"best post-MLP (\d\.\d+), linear post-block (\d\.\d+)", real).groups()
+    assert f"{zero[0]} against {zero[1]} (results/real_finetune.log)" in flat
+    fits = re.search(r"rank 4: linear (\d\.\d+), nonlinear from the linear start (\d\.\d+), "
+                     r"from random starts ([\d./]+)", real).groups()
+    starts = sorted(fits[2].split("/"))
+    assert f"equals the linear fit ({fits[0]} at rank 4, block 2)" in flat and fits[0] == fits[1]
+    assert f"reached {starts[0]}–{starts[-1]} against the linear {fits[0]}" in flat
+    kl = dict(re.findall(r"KL (no steer|linear U·D·z): ([\d.]+)", real))
+    assert f"KL(fine-tuned ‖ steered) of {kl['linear U·D·z']} nats" in flat
+    assert f"against {kl['no steer']} with no steer" in flat
 
 
 def plan_cells(lecture_text):

@@ -1,0 +1,89 @@
+"""
+tools/real_finetune.py: the miniature's real fine-tune, measured site by site (what it prints is
+committed as results/real_finetune.log; docs/THEORY.md §4–§6 quote it).
+
+Every weight of the built-in base (out/base/model.pt) is fine-tuned on boolq: 150 steps of batch 64,
+5,000 training rows, seed 0 (notebook 2's full version). On 16 test prompts it prints, block by
+block: the share of the block's change a rank-4 linear steer recovers at each site, the skip share
+(within the block, and over the whole model), the MLP's share of the write; then the W_proj = 0
+case (tools/fits.py's random update, on these prompts), the oracle shift's rank, the oracle fits,
+and the KL to the fine-tuned model of each steer.
+About 3 minutes on one core; the same seed gives the same numbers.
+
+    python tools/real_finetune.py > results/real_finetune.log
+"""
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]          # run as a script: the repo root
+import course  # noqa: E402
+import equivalence as eq  # noqa: E402
+import nanosteer as ns  # noqa: E402
+import tasks  # noqa: E402
+from model import GPT  # noqa: E402
+from tools.fits import SITES, rank90, where_to_steer, wproj_zero  # noqa: E402
+
+BASE = "out/base/model.pt"
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp()
+    base = ns.freeze(GPT.load(BASE).double().eval())
+    idx, _ = tasks.pack(tasks.make_splits("boolq", seed=0, n_train=0)["test"][:16],
+                        tasks.get_tokenizer("bytes"), base.config.block_size)
+    course.train_quietly(["--mode", "weight", "--lora-rank", "0", "--task", "boolq", "--init", BASE,
+                          "--steps", "150", "--batch-size", "64", "--n-train", "5000",
+                          "--out-dir", work])
+    tuned = ns.freeze(GPT.load(work + "/model.pt").double().eval())
+    with torch.no_grad(), ns.capture(base) as a_base, ns.capture(tuned) as a_tuned:
+        base(idx), tuned(idx)
+    blocks = list(base.transformer.h)
+    streams = [base.embed(idx)] + a_base["block_out"][:-1]          # what enters each block
+    for layer, (block, block_tuned) in enumerate(zip(blocks, tuned.transformer.h)):
+        tuned_params = dict(block_tuned.named_parameters())
+        update = {name: tuned_params[name] - p for name, p in block.named_parameters()}
+        table, _ = where_to_steer(block, streams[layer], update)
+        shares = " ".join(f"{site} {table[site]['linear']:.3f}" for site in SITES)
+        # skip share ⟨δp, δz⟩/‖δz‖² (THEORY §5): within the block (the base block's input, only its
+        # own update), then over the whole model (every earlier update arrives in x too)
+        within, per_token = eq.skip_share(block, streams[layer], update)
+        dp = (a_tuned["resid_mid"][layer] - a_base["resid_mid"][layer]).flatten(0, -2)
+        dz = (a_tuned["block_out"][layer] - a_base["block_out"][layer]).flatten(0, -2)
+        whole = (dp * dz).sum(-1) / (dz * dz).sum(-1)                      # one per token
+        y, a = a_base["mlp_out"][layer], a_base["attn_out"][layer]
+        mlp_share = (y.norm(dim=-1) / (y.norm(dim=-1) + a.norm(dim=-1))).mean().item()  # ‖y‖/(‖y‖+‖a‖)
+        print(f"block {layer}: linear shares {shares} | skip share within {within:.2f} (per token "
+              f"{per_token['min']:.2f} to {per_token['max']:.2f}), whole model "
+              f"{((dp * dz).sum() / (dz * dz).sum()).item():.2f} (per token {whole.min().item():.2f} "
+              f"to {whole.max().item():.2f}) | MLP share {mlp_share:.2f}")
+    mid = len(blocks) // 2
+    zero = wproj_zero(blocks[mid], streams[mid])
+    print(f"W_proj = 0, block {mid}, a random update (not the fine-tune) on these prompts: best post-MLP "
+          f"{zero['mlp_out']:.3f}, "
+          f"linear post-block {zero['block_out']:.3f}")
+    deltas = ns.oracle(base, tuned, idx)
+    print("rank90 oracle / base output per block:",
+          [(rank90(d.flatten(0, 1)), rank90(z.flatten(0, 1)))
+           for d, z in zip(deltas, a_base["block_out"])],
+          "noise", rank90(torch.randn_like(deltas[0].flatten(0, 1))))
+    fit = tasks.make_splits("boolq", seed=0, n_train=64)["train"]
+    idx_fit, _ = tasks.pack(fit, tasks.get_tokenizer("bytes"), base.config.block_size)
+    s, delta = course.oracle_inputs(base, tuned, idx_fit, "block_out")[mid]
+    linear = course.share_recovered(course.fit_oracle(s, delta, "linear", 4)[0], s, delta)
+    nonlinear = course.share_recovered(course.fit_oracle(s, delta, "nonlinear", 4)[0], s, delta)
+    from_random = course.fit_oracle(s, delta, "nonlinear random", 4, (0, 1, 2))[1]
+    print(f"oracle fits, block {mid}, rank 4: linear {linear:.3f}, nonlinear from the linear start "
+          f"{nonlinear:.3f}, from random starts {'/'.join(f'{v:.3f}' for v in from_random)}")
+    table = course.oracle_table(base, tuned, idx_fit, idx, rank=4, seeds=(0, 1, 2))
+    for name, (shares, kl) in table.items():
+        print(f"KL {name}: {kl:.3g} (shares " + " ".join(f"{v:.3f}" for v in shares) + ")")
+
+
+if __name__ == "__main__":
+    main()

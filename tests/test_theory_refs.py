@@ -177,40 +177,70 @@ def test_the_smollm2_numbers_quoted_are_the_ones_equivalence_printed():
     assert f"{skip} (SmolLM2" in theory
 
 
+def span(values, fmt="{}"):
+    """'low–high' of numbers, each written with fmt: the way THEORY quotes a range."""
+    return f"{fmt.format(min(values))}–{fmt.format(max(values))}"
+
+
 def test_the_miniature_numbers_quoted_are_the_ones_the_committed_logs_printed():
-    """results/equivalence.log (`python equivalence.py`) and results/real_finetune.log
+    """results/equivalence.log and .json (`python equivalence.py`) and results/real_finetune.log
     (`python tools/real_finetune.py`) against THEORY's miniature numbers."""
-    theory = THEORY.read_text(encoding="utf-8")
-    log = (ROOT / "results" / "equivalence.log").read_text(encoding="utf-8")
+    flat = " ".join(THEORY.read_text(encoding="utf-8").split())       # a phrase may wrap a line
+    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in
+            THEORY.read_text(encoding="utf-8").splitlines() if line.startswith("| miniature")}
     sites = ("attn_out", "mlp_in", "mlp_out", "block_out")
-    shares = dict(re.findall(r"(attn_out|mlp_in|mlp_out|block_out) (\d\.\d+)", log))
-    row = next(line for line in theory.splitlines() if line.startswith("| miniature, random"))
-    assert row.split("|")[2:6] == [f" {shares[s]} " for s in sites]
+    share = r"(attn_out|mlp_in|mlp_out|block_out) (-?\d\.\d+)"
+
+    log = (ROOT / "results" / "equivalence.log").read_text(encoding="utf-8")
+    random = {s: float(v) for s, v in re.findall(share, log)}
+    assert rows["miniature, random, block 2"] == [f" {random[s]:.3f} " for s in sites]
+    assert f"({random['attn_out']:.3f} against {random['mlp_out']:.3f})" in flat
     mlp = re.search(r"MLP share .* per layer: ([\d. ]+)", log)[1].split()
-    flat = " ".join(theory.split())                                   # a phrase may wrap a line
     assert f"*Measured*: {', '.join(mlp)} on the miniature's layers" in flat
     skip = re.search(r"skip share ⟨δp, δz⟩/‖δz‖² (\d\.\d+)", log)[1]
     assert f"{skip} (miniature, block 2" in flat
     rank = re.search(r"in (\d+) directions \(base block output (\d+), noise (\d+)", log).groups()
     assert f"{rank[0]} against {rank[1]}, noise {rank[2]} of 128" in flat
+    fold = max(float(v) for v in re.findall(r"§8 fold at \w+: max \|Δlogit\| +\| +([\d.e+-]+)", log))
+    assert f"the miniature's by at most {fold:.1e} at all six sites" in flat
+    zero = json.loads((ROOT / "results" / "equivalence.json").read_text(encoding="utf-8"))["wproj_zero"]
+    assert f"miniature {zero['mlp_out']:.3f} against {zero['block_out']:.3f}" in flat
 
     real = (ROOT / "results" / "real_finetune.log").read_text(encoding="utf-8")
-    per_block = [dict(re.findall(r"(attn_out|mlp_in|mlp_out|block_out) (\d\.\d+)", line))
-                 for line in real.splitlines() if line.startswith("block ")]
-    assert len(per_block) == 4
-    row = next(line for line in theory.splitlines() if line.startswith("| miniature, real fine-tune"))
-    assert row.split("|")[2:6] == [f" {min(b[s] for b in per_block)}–{max(b[s] for b in per_block)} "
-                                   for s in sites]
+    blocks = [line for line in real.splitlines() if line.startswith("block ")]
+    tuned = [{s: float(v) for s, v in re.findall(share, line)} for line in blocks]
+    assert len(tuned) == 4
+    assert rows["miniature, real fine-tune, blocks 0–3"] == [
+        f" {span([b[s] for b in tuned], '{:.3f}')} " for s in sites]
+    later = tuned[1:]                                                  # blocks 1–3
+    assert f"blocks 1–3 of the real fine-tune ({span([b['mlp_in'] for b in later], '{:.3f}')})" in flat
+    after = [b[s] for b in later for s in ("mlp_out", "block_out")]
+    assert (f"(blocks 1–3: {span([b['attn_out'] for b in later], '{:.3f}')} against "
+            f"{span(after, '{:.3f}')})") in flat
+    gap = max(abs(b["mlp_out"] - b["block_out"]) for b in tuned + [random])
+    assert round(gap, 3) <= 0.006 and "within 0.006 of each other in every row" in flat
+    skips = [re.search(r"within (-?[\d.]+) .*whole model (-?[\d.]+) ", line).groups() for line in blocks]
+    assert (f"real fine-tune {span([w for w, _ in skips])} within a block, "
+            f"{span([m for _, m in skips])} over the whole model") in flat
+    outside = max(int(n) for n in re.findall(r"(\d+) outside", real))
+    assert f"at most {outside} of a block's 368 do (block 2, whole model: up to 1.03" in flat
+    assert "per token 0.66 to 1.03" in blocks[2]
     zero = re.search(r"best post-MLP (\d\.\d+), linear post-block (\d\.\d+)", real).groups()
     assert f"{zero[0]} against {zero[1]} (results/real_finetune.log)" in flat
+    ranks = [tuple(map(int, pair)) for pair in re.findall(r"\((\d+), (\d+)\)", real)]
+    noise = re.search(r"noise (\d+)", real)[1]
+    assert (f"real fine-tune, {span([o for o, _ in ranks])} against {span([b for _, b in ranks])}, "
+            f"noise {noise} of 128") in flat
     fits = re.search(r"rank 4: linear (\d\.\d+), nonlinear from the linear start (\d\.\d+), "
                      r"from random starts ([\d./]+)", real).groups()
-    starts = sorted(fits[2].split("/"))
     assert f"equals the linear fit ({fits[0]} at rank 4, block 2)" in flat and fits[0] == fits[1]
-    assert f"reached {starts[0]}–{starts[-1]} against the linear {fits[0]}" in flat
-    kl = dict(re.findall(r"KL (no steer|linear U·D·z): ([\d.]+)", real))
-    assert f"KL(fine-tuned ‖ steered) of {kl['linear U·D·z']} nats" in flat
-    assert f"against {kl['no steer']} with no steer" in flat
+    assert f"reached {span(fits[2].split('/'))} against the linear {fits[0]}" in flat
+    kl = {name: (float(v), [float(x) for x in shares.split()]) for name, v, shares in
+          re.findall(r"KL (no steer|linear U·D·z): ([\d.]+) \(shares ([\d. ]+)\)", real)}
+    linear = [round(100 * v) for v in kl["linear U·D·z"][1]]
+    assert f"linear fits recovering {min(linear)}–{max(linear)}% of each layer's oracle" in flat
+    assert f"KL(fine-tuned ‖ steered) of {kl['linear U·D·z'][0]} nats" in flat
+    assert f"against {kl['no steer'][0]} with no steer" in flat
 
 
 def plan_cells(lecture_text):

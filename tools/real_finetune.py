@@ -3,12 +3,14 @@ tools/real_finetune.py: the miniature's real fine-tune, measured site by site (w
 committed as results/real_finetune.log; docs/THEORY.md §4–§6 quote it).
 
 Every weight of the built-in base (out/base/model.pt) is fine-tuned on boolq: 150 steps of batch 64,
-5,000 training rows, seed 0 (notebook 2's full version). On 16 test prompts it prints, block by
-block: the share of the block's change a rank-4 linear steer recovers at each site, the skip share
-(within the block, and over the whole model), the MLP's share of the write; then the W_proj = 0
-case (tools/fits.py's random update, on these prompts), the oracle shift's rank, the oracle fits,
-and the KL to the fine-tuned model of each steer.
-About 3 minutes on one core; the same seed gives the same numbers.
+5,000 training rows, seed 0 (notebook 2's full version). On 16 boolq test prompts it prints, block
+by block: the share of the block's change a rank-4 linear steer recovers at each site, the skip
+share (within the block, and over the whole model; per token, its range and how many tokens lie
+outside [0, 1]), the MLP's share of the write on these prompts; then the W_proj = 0 case
+(tools/fits.py's random update, not the fine-tune), and the oracle shift's rank. Then, fitted on 64
+boolq training rows: the oracle fits at block 2, and each steer's KL(fine-tuned ‖ steered) on the
+16 test prompts. About 1.5 minutes on one core, from the repository root (the base is made by
+`python train.py --mode pretrain`); the same seed gives the same numbers.
 
     python tools/real_finetune.py > results/real_finetune.log
 """
@@ -58,15 +60,16 @@ def main():
         whole = (dp * dz).sum(-1) / (dz * dz).sum(-1)                      # one per token
         y, a = a_base["mlp_out"][layer], a_base["attn_out"][layer]
         mlp_share = (y.norm(dim=-1) / (y.norm(dim=-1) + a.norm(dim=-1))).mean().item()  # ‖y‖/(‖y‖+‖a‖)
+        outside = round(per_token["outside"] * len(whole)), ((whole < 0) | (whole > 1)).sum().item()
         print(f"block {layer}: linear shares {shares} | skip share within {within:.2f} (per token "
-              f"{per_token['min']:.2f} to {per_token['max']:.2f}), whole model "
-              f"{((dp * dz).sum() / (dz * dz).sum()).item():.2f} (per token {whole.min().item():.2f} "
-              f"to {whole.max().item():.2f}) | MLP share {mlp_share:.2f}")
+              f"{per_token['min']:.2f} to {per_token['max']:.2f}, {outside[0]} outside [0, 1]), "
+              f"whole model {((dp * dz).sum() / (dz * dz).sum()).item():.2f} (per token "
+              f"{whole.min().item():.2f} to {whole.max().item():.2f}, {outside[1]} outside) of "
+              f"{len(whole)} tokens | MLP share {mlp_share:.2f}")
     mid = len(blocks) // 2
     zero = wproj_zero(blocks[mid], streams[mid])
-    print(f"W_proj = 0, block {mid}, a random update (not the fine-tune) on these prompts: best post-MLP "
-          f"{zero['mlp_out']:.3f}, "
-          f"linear post-block {zero['block_out']:.3f}")
+    print(f"W_proj = 0, block {mid}, a random update (not the fine-tune) on these prompts: "
+          f"best post-MLP {zero['mlp_out']:.3f}, linear post-block {zero['block_out']:.3f}")
     deltas = ns.oracle(base, tuned, idx)
     print("rank90 oracle / base output per block:",
           [(rank90(d.flatten(0, 1)), rank90(z.flatten(0, 1)))
@@ -78,9 +81,11 @@ def main():
     linear = course.share_recovered(course.fit_oracle(s, delta, "linear", 4)[0], s, delta)
     nonlinear = course.share_recovered(course.fit_oracle(s, delta, "nonlinear", 4)[0], s, delta)
     from_random = course.fit_oracle(s, delta, "nonlinear random", 4, (0, 1, 2))[1]
-    print(f"oracle fits, block {mid}, rank 4: linear {linear:.3f}, nonlinear from the linear start "
+    print(f"oracle fits on 64 training rows, block {mid}, rank 4: linear {linear:.3f}, nonlinear from the linear start "
           f"{nonlinear:.3f}, from random starts {'/'.join(f'{v:.3f}' for v in from_random)}")
     table = course.oracle_table(base, tuned, idx_fit, idx, rank=4, seeds=(0, 1, 2))
+    print("KL(fine-tuned ‖ steered) on the 16 test prompts, each steer fitted at every layer on the "
+          "64 training rows (its share recovered there, per layer):")
     for name, (shares, kl) in table.items():
         print(f"KL {name}: {kl:.3g} (shares " + " ".join(f"{v:.3f}" for v in shares) + ")")
 

@@ -314,10 +314,14 @@ def test_claims_figure_verdicts_and_redraw(tmp_path):
     results = {"budget": {"n_eval": 500, "tasks": ["boolq"]},
                "runs": [{"phase": "final", "method": m, "seed": s, "accuracy": a}
                         for m, s, a in (("a", 0, 0.8), ("a", 1, 0.9), ("b", 0, 0.7), ("b", 1, 0.7), ("a", 2, 0.5))]}
-    diff, half = cf.difference(results, "a", "b")        # seed 2 has no b: left out
-    assert diff == pytest.approx(15.0) and half > 0
+    diff, low, high = cf.difference(results, "a", "b")        # seed 2 has no b: left out
+    assert diff == pytest.approx(15.0) and high - diff == pytest.approx(diff - low) and high > diff
     as_compare_writes_it = dict(runs=results["runs"], config=results.pop("budget"))
-    assert cf.difference(as_compare_writes_it, "a", "b") == (diff, half)
+    assert cf.difference(as_compare_writes_it, "a", "b") == (diff, low, high)
+    saved = {"boolq/a/seed0": "1100", "boolq/b/seed0": "1000", "boolq/a/seed1": "1110",
+             "boolq/b/seed1": "1010"}                              # a is right on 1 more prompt a seed
+    paired = cf.difference(as_compare_writes_it, "a", "b", saved)
+    assert paired == cf.paired_interval([("1100", "1000"), ("1110", "1010")]) and paired[0] == 25.0
     committed = json.loads((ROOT / "results" / "compare" / "results.json").read_text(encoding="utf-8"))
     rows, words = cf.verdicts(committed)
     assert [r[1] for r in rows][:2] == ["post-block − full fine-tuning", "post-block − post-MLP"]

@@ -4,9 +4,11 @@ for every test (also for `python -m pytest tests/test_equivalence.py` run alone)
 import the helpers below with `from conftest import ...`.
 
     ROOT, run_script(...), script_ok(...)   run a repo script as a user runs it (a subprocess)
+    ctrl_c_as_in_a_terminal                 preexec_fn for a subprocess a test sends Ctrl-C to
     tiny_base (fixture)                     an untrained 2-layer, width-32 checkpoint on bytes
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,13 @@ from model import GPT, GPTConfig  # noqa: E402
 # one thread everywhere, here and in the subprocesses: identical numerics, and tiny tensors run
 # faster on one thread than on a busy pool
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+
+
+def ctrl_c_as_in_a_terminal():
+    """A background job of a shell (`pytest ... &`, nohup) starts with SIGINT ignored, its children
+    inherit that, and Python then never raises KeyboardInterrupt: a Ctrl-C test would pass or fail
+    by how pytest was launched. The child gets the default back, as when run from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(*args, timeout=300):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tools import compare, stats
-from conftest import ENV, ROOT, run_script
+from conftest import ENV, ROOT, ctrl_c_as_in_a_terminal, run_script
 from test_checkpoints import needs_smollm2
 from model import GPT, write_files
 
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path
     cmd = [sys.executable, "tools/compare.py", "--quick", "--init", str(quick["base"]), "--out-dir",
            str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     for line in proc.stdout:                  # Ctrl-C once two runs have finished
         if line.startswith("run   2/"):
             proc.send_signal(signal.SIGINT)

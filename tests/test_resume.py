@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ENV, ROOT, script_ok
+from conftest import ENV, ROOT, ctrl_c_as_in_a_terminal, script_ok
 
 RUN = ["--mode", "joint", "--steps", "120", "--batch-size", "8", "--n-train", "200", "--device", "cpu"]
 
@@ -58,7 +58,8 @@ def test_resuming_a_periodic_checkpoint_ends_where_the_whole_run_ends(uninterrup
 def test_a_run_stopped_by_ctrl_c_and_resumed_ends_where_the_whole_run_ends(uninterrupted, tiny_base, tmp_path):
     out = tmp_path / "stopped"
     cmd = [sys.executable, "train.py", "--init", str(tiny_base), *RUN, "--log-every", "1", "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     for line in proc.stdout:                           # Ctrl-C as soon as step 3 is logged
         if line.startswith("step     3 |"):
             proc.send_signal(signal.SIGINT)

@@ -15,8 +15,9 @@ interval is tools/stats.paired_interval's: paired prompt by prompt, bootstrapped
 seed) pairs and their prompts. Where it did not (results/compare predates them), it is an unpaired
 approximation, 1.96 · √(prompt noise² + seed noise²): prompt noise is the binomial standard error
 of each accuracy over its N test prompts (tasks × seeds × n_eval), seed noise the standard error of
-the per-seed differences (none with one seed); it is wider than the paired one. The words are tools/stats.verdict's: "holds" if the whole interval
-agrees with the claim, "does not hold" if it contradicts it, else "cannot tell at ±x points".
+the per-seed differences (none with one seed); it is wider than the paired one. The words are
+tools/stats.verdict's: "holds" if the whole interval agrees with the claim, "does not hold" if it
+contradicts it, else "cannot tell at ±x points".
 """
 import json
 import sys

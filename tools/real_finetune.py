@@ -58,8 +58,8 @@ def main():
         dp = (a_tuned["resid_mid"][layer] - a_base["resid_mid"][layer]).flatten(0, -2)
         dz = (a_tuned["block_out"][layer] - a_base["block_out"][layer]).flatten(0, -2)
         whole = (dp * dz).sum(-1) / (dz * dz).sum(-1)                      # one per token
-        y, a = a_base["mlp_out"][layer], a_base["attn_out"][layer]
-        mlp_share = (y.norm(dim=-1) / (y.norm(dim=-1) + a.norm(dim=-1))).mean().item()  # ‖y‖/(‖y‖+‖a‖)
+        y, a = a_base["mlp_out"][layer], a_base["attn_out"][layer]     # MLP share: ‖y‖/(‖y‖ + ‖a‖)
+        mlp_share = (y.norm(dim=-1) / (y.norm(dim=-1) + a.norm(dim=-1))).mean().item()
         outside = round(per_token["outside"] * len(whole)), ((whole < 0) | (whole > 1)).sum().item()
         print(f"block {layer}: linear shares {shares} | skip share within {within:.2f} (per token "
               f"{per_token['min']:.2f} to {per_token['max']:.2f}, {outside[0]} outside [0, 1]), "
@@ -81,11 +81,12 @@ def main():
     linear = course.share_recovered(course.fit_oracle(s, delta, "linear", 4)[0], s, delta)
     nonlinear = course.share_recovered(course.fit_oracle(s, delta, "nonlinear", 4)[0], s, delta)
     from_random = course.fit_oracle(s, delta, "nonlinear random", 4, (0, 1, 2))[1]
-    print(f"oracle fits on 64 training rows, block {mid}, rank 4: linear {linear:.3f}, nonlinear from the linear start "
-          f"{nonlinear:.3f}, from random starts {'/'.join(f'{v:.3f}' for v in from_random)}")
+    print(f"oracle fits on 64 training rows, block {mid}, rank 4: linear {linear:.3f}, nonlinear "
+          f"from the linear start {nonlinear:.3f}, from random starts "
+          f"{'/'.join(f'{v:.3f}' for v in from_random)}")
     table = course.oracle_table(base, tuned, idx_fit, idx, rank=4, seeds=(0, 1, 2))
-    print("KL(fine-tuned ‖ steered) on the 16 test prompts, each steer fitted at every layer on the "
-          "64 training rows (its share recovered there, per layer):")
+    print("KL(fine-tuned ‖ steered) on the 16 test prompts, each steer fitted at every layer on "
+          "the 64 training rows (its share recovered there, per layer):")
     for name, (shares, kl) in table.items():
         print(f"KL {name}: {kl:.3g} (shares " + " ".join(f"{v:.3f}" for v in shares) + ")")
 

@@ -189,7 +189,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path
 
 def test_majority_baseline_takes_trains_commonest_answer_and_scores_it_on_test():
     splits = dict(train=[("a", "yes"), ("b", "no"), ("c", "no")], test=[("d", "yes"), ("e", "yes"), ("f", "no")])
-    assert compare.majority_baseline(splits) == ("no", pytest.approx(1 / 3))   # test's commonest would score 2/3
+    assert compare.stats.majority_baseline(splits) == ("no", pytest.approx(1 / 3))   # test's commonest would score 2/3
 
 
 def folder_bytes(folder):
@@ -351,13 +351,28 @@ def test_a_finished_run_is_not_redone_and_the_log_is_appended(tmp_path, monkeypa
     assert stubbed(tmp_path, monkeypatch, tiny_base)[3].calls == [lost.name]
 
 
-def test_ctrl_c_keeps_the_finished_runs_and_the_next_start_goes_on(tmp_path, monkeypatch, tiny_base):
+def test_ctrl_c_keeps_the_finished_runs_and_the_next_start_goes_on(tmp_path, monkeypatch, tiny_base,
+                                                                    capsys):
     with pytest.raises(KeyboardInterrupt):
         stubbed(tmp_path, monkeypatch, tiny_base, interrupt_at=8)
     assert not (tmp_path / "out" / "results.md").exists()               # no table of half the runs
+    capsys.readouterr()
     rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base)
     assert len(stub.calls) == 46 - 7                                  # 7 runs had finished
     assert len(results["runs"]) == 46 and sum(r["reused"] for r in results["runs"]) == 7
+    assert "40 runs, more if a grid grows, 7 finished before; into " in capsys.readouterr().out
+
+
+def test_the_eta_counts_the_runs_left_to_train_not_the_runs_read_back(tmp_path):
+    progress = compare.Progress(6, tmp_path / "progress.log", 2)      # 6 planned, 2 finished before
+    run = dict(phase="sweep", task="listops", method="full", seed=0, lrs={"--lr": 1e-3},
+               val_accuracy=0.5, accuracy=0.5, train_seconds=60)
+    progress.report({**run, "reused": True}, 0.1)
+    progress.report({**run, "reused": False}, 60.0)   # 4 left, 1 of them on disk: 3 × 60 s
+    progress.report({**run, "reused": True}, 0.1)
+    progress.report({**run, "reused": False}, 120.0)  # 2 left, none on disk: 2 × 90 s
+    ends = [line.rsplit(" | ", 1)[1] for line in (tmp_path / "progress.log").read_text().splitlines()]
+    assert ends == ["done before", "eta   3.0 min", "done before", "eta   3.0 min"]
 
 
 def test_another_configuration_is_refused_unless_forced(tmp_path, monkeypatch, tiny_base):

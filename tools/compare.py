@@ -33,7 +33,6 @@ import train  # noqa: E402
 from model import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from tools import stats  # noqa: E402
-from tools.stats import majority_baseline  # noqa: E402
 
 SHIFT = "--mode activation --rank {r} --adapter "                      # a vector ignores --rank
 JOINT = "--mode joint --lora-rank {r} --rank {r} --ortho-every "
@@ -202,27 +201,21 @@ def sweep(do, grid):
     return winner, len(tried) >= 3 and winner["lrs"][flags[0]] in (min(rates), max(rates))
 
 
-def majority_rows(args, finals):
-    """{(task, seed): test accuracy of the majority class} for every task and seed run."""
-    keys = {(r["task"], r["seed"]) for r in finals}
-    return {(t, s): majority_baseline(make_splits(t, s, args.n_train, args.n_eval))[1]
-            for t, s in keys}
-
-
 LABEL = {"majority": "majority class (train's commonest answer)", "base": "base model, untrained",
          **{name: METHODS[name][1] for name in METHODS}}
 
 
 class Progress:
-    """A line a run (console, progress.log); ETA from the runs trained, not read back, here."""
-    def __init__(self, plan, path):
-        self.plan, self.path, self.done, self.trained, self.seconds = plan, path, 0, 0, 0.0
+    """A line a run (console, progress.log); its ETA counts the runs to train, not to read back."""
+    def __init__(self, plan, path, unread):
+        self.plan, self.path, self.unread = plan, path, unread
+        self.done, self.trained, self.seconds = 0, 0, 0.0
 
     def report(self, r, seconds):
-        self.done += 1
+        self.done, self.unread = self.done + 1, max(0, self.unread - r["reused"])
         if not r["reused"]:
             self.trained, self.seconds = self.trained + 1, self.seconds + seconds
-        eta = self.seconds / max(1, self.trained) * (self.plan - self.done) / 60
+        eta = self.seconds / max(1, self.trained) * max(0, self.plan - self.done - self.unread) / 60
         line = (f"run {self.done:3d}/{self.plan} | {r['phase']:5s} | {r['task']:7s} | "
                 f"{r['method']:19s} | seed {r['seed']} | lr {stats.rates_text(r['lrs']):15s} | "
                 f"val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
@@ -263,18 +256,25 @@ def main(args):
     write_atomically(os.path.join(args.out_dir, "config.json"), text_file(json.dumps(config(args))))
     seeds = [args.seeds if name in args.seeded else 1 for name in args.methods]
     plan, start = len(args.tasks) * sum(len(args.grid["full"]) + s - 1 for s in seeds), time.time()
+    folders = os.path.join(args.out_dir, "runs")     # the finished runs of these rows: read back
+    prefixes = tuple(f"{task}-{name}-lr" for task in args.tasks for name in args.methods)
+    on_disk = sum(f.startswith(prefixes) and os.path.exists(os.path.join(folders, f, "argv.json"))
+                  for f in (os.listdir(folders) if os.path.isdir(folders) else []))
     print(f"{len(args.methods)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
-          f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows; into "
-          f"{args.out_dir}", flush=True)
+          f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows, "
+          f"{on_disk} finished before; into {args.out_dir}", flush=True)
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
-        hours = {dtype: plan * args.steps * STEP_SECONDS[dtype] / 3600 for dtype in STEP_SECONDS}
+        to_train = max(0, plan - on_disk)              # a grown grid's runs are not in the plan
+        hours = {d: to_train * args.steps * STEP_SECONDS[d] / 3600 for d in STEP_SECONDS}
         print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
               + " (a steering step's time; full FT's slower steps and evaluation add)", flush=True)
-    progress = Progress(plan, os.path.join(args.out_dir, "progress.log"))
+    progress = Progress(plan, os.path.join(args.out_dir, "progress.log"), on_disk)
     with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
         runs, chosen, edges = run_all(args, log, progress)
     finals = [r for r in runs if r["phase"] == "final"]
-    rows = stats.summarize(finals, args.tasks, args.methods, majority_rows(args, finals))
+    majority = {(t, s): stats.majority_baseline(make_splits(t, s, args.n_train, args.n_eval))[1]
+                for t, s in {(r["task"], r["seed"]) for r in finals}}    # {(task, seed): test acc.}
+    rows = stats.summarize(finals, args.tasks, args.methods, majority)
     table = stats.results_markdown(rows, chosen, edges, finals, args, LABEL)
     outcomes = {f"{r['task']}/{r['method']}/seed{r['seed']}": r["outcomes"]["test"] for r in finals}
     for r in runs:

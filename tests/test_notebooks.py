@@ -439,5 +439,5 @@ def test_train_watching_repeats_train_py_step_for_step(tiny_checkpoint, tmp_path
 
 def test_majority_baseline_is_compares_row_and_the_notebooks_number():
     answer, share = course.majority_baseline("boolq")
-    assert (answer, share) == compare.majority_baseline(tasks.make_splits("boolq", 0))
+    assert (answer, share) == compare.stats.majority_baseline(tasks.make_splits("boolq", 0))
     assert answer == "no" and share == pytest.approx(0.54)        # notebook 3: 'no', 54.0% of the test split

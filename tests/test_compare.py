@@ -356,7 +356,7 @@ def test_ctrl_c_keeps_the_finished_runs_and_the_next_start_goes_on(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         stubbed(tmp_path, monkeypatch, tiny_base, interrupt_at=8)
     assert not (tmp_path / "out" / "results.md").exists()               # no table of half the runs
-    capsys.readouterr()
+    capsys.readouterr()                                                 # the first start's lines
     rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base)
     assert len(stub.calls) == 46 - 7                                  # 7 runs had finished
     assert len(results["runs"]) == 46 and sum(r["reused"] for r in results["runs"]) == 7

@@ -256,7 +256,7 @@ def main(args):
     write_atomically(os.path.join(args.out_dir, "config.json"), text_file(json.dumps(config(args))))
     seeds = [args.seeds if name in args.seeded else 1 for name in args.methods]
     plan, start = len(args.tasks) * sum(len(args.grid["full"]) + s - 1 for s in seeds), time.time()
-    folders = os.path.join(args.out_dir, "runs")     # the finished runs of these rows: read back
+    folders = os.path.join(args.out_dir, "runs")  # finished runs of these rows: run() reads them
     prefixes = tuple(f"{task}-{name}-lr" for task in args.tasks for name in args.methods)
     on_disk = sum(f.startswith(prefixes) and os.path.exists(os.path.join(folders, f, "argv.json"))
                   for f in (os.listdir(folders) if os.path.isdir(folders) else []))

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import write_atomically
+from model import save_torch, write_atomically
 from nanosteer import (LoRALinear, adapter_parameters, attach, linear_layers, lora_plan, own_tensors,
                        shift_plan)
 
@@ -50,7 +50,7 @@ def save(model, path):
                    base_fingerprint=base_fingerprint(model),
                    tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
     try:
-        write_atomically(path, lambda tmp: torch.save(payload, tmp))
+        write_atomically(path, lambda tmp: save_torch(payload, tmp))
     except OSError as e:                    # a folder in the way, a file where a folder is wanted
         raise ValueError(f"cannot write {path} ({e.strerror}: {e.filename}): give a file name "
                          "in a writable folder") from None

@@ -24,6 +24,7 @@ from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  
 from tools.output import figure_writers, shown
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
 from runtime import OneLineParser, check_out_dir, write_json
+from train import BASE_CHECKPOINT
 
 PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
@@ -217,10 +218,9 @@ def claims(r, exact):
             for kind, c, m, p, t in rows]
 
 def load(args):
-    """-> (frozen model, tokens (8, T) of docs/probe_text.txt, its name). No --init:
-    out/base/model.pt if it exists, else a fresh small GPT; an --init given is loaded or refused,
-    never replaced."""
-    name = args.init or ("out/base/model.pt" if os.path.isfile("out/base/model.pt") else None)
+    """-> (frozen model, tokens (8, T) of docs/probe_text.txt, its name). No --init: the committed
+    base model if it is there, else a fresh small GPT; an --init given is loaded or refused."""
+    name = args.init or (BASE_CHECKPOINT if os.path.isfile(BASE_CHECKPOINT) else None)
     torch.manual_seed(0)                                   # the init when there is no checkpoint
     model, enc = checkpoints.load(name) if name else \
         (GPT(GPTConfig(n_layer=4, n_embd=64)), tasks.byte_encoding())
@@ -268,7 +268,7 @@ def write(r, out):
 def main(argv=None):
     parser = OneLineParser(description="Check docs/THEORY.md §3–§8 with numbers.")
     parser.add_argument("--init", "--checkpoint", help="any checkpoints.load name: smollm2-135m, a "
-                        ".gguf, a GPT.save file... (default: out/base/model.pt, else a fresh GPT)")
+                        ".gguf, a GPT.save file... (default: the committed base model, results/base/model.pt)")
     parser.add_argument("--device", choices=["cpu", "cuda"] if torch.cuda.is_available() else
                         ["cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",

@@ -74,6 +74,14 @@ def write_atomically(path, write):
     write_files(os.path.dirname(path), {os.path.basename(path): write})
 
 
+def save_torch(payload, path):
+    """torch.save, byte for byte reproducible: torch names the archive inside a file after the
+    file (our temporary names differ from run to run), but always 'archive' when given an open
+    file, so the same tensors give the same bytes and the same sha256."""
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 128    # longest sequence (the learned position table has this many rows)
@@ -365,7 +373,7 @@ class GPT(nn.Module):
             raise ValueError(f"this model holds adapters ({len(extra)} tensors such as {extra[0]}): save "
                              "them with adapters.save, or merge/fold them into the weights first")
         payload = dict(config=asdict(self.config), model=self.state_dict(), tokenizer=tokenizer)
-        write_atomically(path, lambda tmp: torch.save(payload, tmp))
+        write_atomically(path, lambda tmp: save_torch(payload, tmp))
 
     @classmethod
     def load(cls, path):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
 
-from model import write_atomically
+from model import save_torch, write_atomically
 
 
 
@@ -124,7 +124,7 @@ def save_resume(path, config, step, losses, model, optimizer, batches):
     state = dict(args=vars(config), step=step, losses=losses, optimizer=optimizer.state_dict(),
                  tensors={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  batches=batches.get_state(), torch_rng=torch.get_rng_state())
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    write_atomically(path, lambda tmp: save_torch(state, tmp))
 
 
 def load_resume(path, config, model, optimizer, batches):

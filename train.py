@@ -6,8 +6,8 @@ train.py: one script for every way of adapting a model (Adila et al., 2026, THEO
     python train.py --mode activation   # a shift at --site (default block_out = post-block)
     python train.py --mode joint        # LoRA + post-block shifts, kept orthogonal (THEORY §7)
 
-An adaptation mode whose --init is the built-in base checkpoint pretrains it first if it is
-missing. Writes results.json, outcomes.json (which val and test prompts it got right), loss.png and
+By default every adaptation starts from the committed base model, results/base/model.pt;
+if that file is missing, it is pretrained there first. Writes results.json, outcomes.json (which val and test prompts it got right), loss.png and
 the trained tensors into --out-dir, together, only when the run has finished with a finite loss.
 
 Read it top to bottom: the arguments, the model, the loop a student reads (train_steps, the heart
@@ -30,7 +30,11 @@ import runtime
 from model import GPT, GPTConfig, SITES, resolve_site, write_files
 from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
-BASE_CHECKPOINT = os.path.join("out", "base", "model.pt")
+# The base model every adaptation starts from by default: committed with the repository (RESULTS.md
+# gives its sha256), so every student has the same weights. Float kernels round differently on
+# different CPUs, so `--mode pretrain` (into out/base) makes a model of one's own that may differ.
+BASE_CHECKPOINT = os.path.join("results", "base", "model.pt")
+OWN_BASE_DIR = os.path.join("out", "base")
 DEFAULT_TASK = "boolq"
 # learning rates per kind of trainable tensor (the paper sweeps steering 5e-4..5e-3,
 # LoRA 5e-5..1.5e-3, full fine-tuning 5e-6..1e-4 for 1B-8B models; a 1M model takes larger ones)
@@ -132,7 +136,7 @@ def resolve_args(args):
             raise ValueError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
     check_numbers(config)
     if config.out_dir is None:
-        config.out_dir = os.path.dirname(BASE_CHECKPOINT) if config.mode == "pretrain" else \
+        config.out_dir = OWN_BASE_DIR if config.mode == "pretrain" else \
             os.path.join("out", f"{config.mode}-{config.task}")
     check_files(config)
     return config
@@ -293,11 +297,13 @@ def prompt_hits(model, x, y, device, autocast, batch_size=50):
 
 
 def train(config):
-    """Pretrain the built-in base first if this run adapts it and it is missing; then the run."""
+    """Pretrain the default base first if this run adapts it and it is missing; then the run."""
     if config.mode != "pretrain" and config.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(config, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
-        print(f"no base model at {BASE_CHECKPOINT} yet: pretraining it first on the built-in corpus")
-        train_once(resolve_args(parse_args(["--mode", "pretrain", "--device", config.device])))
+        print(f"no base model at {BASE_CHECKPOINT} (git checkout {os.path.dirname(BASE_CHECKPOINT)} "
+              "restores the committed one): pretraining it first on the built-in corpus")
+        train_once(resolve_args(parse_args(["--mode", "pretrain", "--device", config.device,
+                                            "--out-dir", os.path.dirname(BASE_CHECKPOINT)])))
         if dist.is_initialized():
             dist.barrier()                          # the others wait until rank 0 has written it
         print(f"\nbase model ready; now {config.mode} adaptation on {config.task}")

@@ -280,7 +280,8 @@ def test_a_checkpoint_that_does_not_exist_is_a_one_line_error_with_exit_status_2
 
 
 def test_an_explicit_init_that_is_missing_is_refused_not_replaced_by_a_random_model(tmp_path):
-    """--init out/base/model.pt, the default path, given explicitly where it does not exist: an error."""
+    """--init out/base/model.pt (where `train.py --mode pretrain` puts one's own base) where it does
+    not exist: an error, not the committed base or a random model in its place."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "equivalence.py"), "--init", "out/base/model.pt",
                            "--out", str(tmp_path / "eq")], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr

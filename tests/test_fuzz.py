@@ -99,7 +99,7 @@ CASES = {
     "equivalence: out is a file": ("equivalence.py", EQUIV + ["--out", "{file}"]),
     "equivalence: out inside a file": ("equivalence.py", EQUIV + ["--out", "{file}/figures"]),
     "equivalence: missing init": ("equivalence.py", EQUIV + ["--init", "{missing}"]),
-    "equivalence: default init given, missing": ("equivalence.py", EQUIV + ["--init", "out/base/model.pt"]),
+    "equivalence: own base not made yet": ("equivalence.py", EQUIV + ["--init", "out/base/model.pt"]),
     "equivalence: corrupt init": ("equivalence.py", EQUIV + ["--init", "{corrupt}"]),
     "equivalence: hostile init": ("equivalence.py", EQUIV + ["--init", "{hostile}"]),
     "equivalence: dtype typo": ("equivalence.py", EQUIV + ["--dtype", "float16"]),
@@ -198,8 +198,8 @@ def outcomes(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_argument_or_file_stops_in_one_line_and_changes_nothing(outcomes, case):
     default_init = os.path.join(ROOT, "out", "base", "model.pt")
-    if case.startswith("equivalence: default init") and os.path.exists(default_init):
-        pytest.skip("out/base/model.pt exists here, so the default --init is not missing")
+    if case.startswith("equivalence: own base") and os.path.exists(default_init):
+        pytest.skip("out/base/model.pt exists here (python train.py --mode pretrain made it)")
     result = outcomes[case]
     lines = result["stderr"].strip().splitlines()
     assert "Traceback" not in result["stderr"], result["stderr"][-2000:]

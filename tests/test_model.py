@@ -253,3 +253,20 @@ def test_block_run_empties_the_slot_even_when_the_forward_raises():
         block.probe(torch.randn(1, 3, 32), "mlp_out", broken)
     slot = block.slots["mlp_out"]
     assert slot.shift is None and slot.recording is False and slot.activation is None
+
+
+BASE_SHA256 = "65eb2fe77e18ee41e7657d0e5988adb4f7ca987327e09a424e5cdde46fdb0107"
+
+
+def test_the_committed_base_model_is_the_one_results_md_records(tmp_path):
+    """results/base/model.pt, the lessons' base model: its sha256 is the one RESULTS.md gives, and
+    GPT.save writes the same bytes again (a save is reproducible: the same tensors, the same file)."""
+    import hashlib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "results", "base", "model.pt")
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == BASE_SHA256
+    with open(os.path.join(root, "RESULTS.md"), encoding="utf-8") as f:
+        assert BASE_SHA256 in f.read()
+    GPT.load(path).save(str(tmp_path / "again.pt"))
+    assert hashlib.sha256((tmp_path / "again.pt").read_bytes()).hexdigest() == BASE_SHA256

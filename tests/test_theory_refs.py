@@ -261,7 +261,7 @@ def notebook_headings(path):
 
 def test_the_lecture_has_its_parts_and_its_commands_are_python():
     lecture = LECTURE.read_text(encoding="utf-8")
-    for part in ("## The plan, minute by minute", "## Slide: common misconceptions",
+    for part in ("## The plan, minute by minute", "## Misconceptions, where they arise",
                  "## Pen-and-paper problems", "## Expected numbers for the exercises"):
         assert part in lecture, part
     scripts = re.findall(r"python - [^\n]*<<'EOF'[^\n]*\n(.*?)\nEOF", lecture, re.DOTALL)

@@ -16,14 +16,14 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import checkpoints
+from formats import checkpoints
 import nanosteer as ns
 import tasks
-from tools.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
+from experiments.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
                         random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: course
-from tools.output import figure_writers, shown
+from experiments.redraw_figures import figure_writers, shown
 from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
-from runtime import OneLineParser, check_out_dir, write_json
+from machinery.runtime import OneLineParser, check_out_dir, write_json
 from train import BASE_CHECKPOINT
 
 PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read

@@ -5,7 +5,7 @@ a 4x MLP with tanh-GELU, tied embeddings, GPT-2's module names so its weights lo
 A few GPTConfig switches make a Llama-family block instead (Touvron et al., 2023; SmolLM2 is one):
 RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases. The slots are the
 "sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours; other people's checkpoint
-formats live in checkpoints.py.
+formats live in formats/checkpoints.py.
 """
 import math
 import numbers
@@ -360,7 +360,7 @@ class GPT(nn.Module):
         return idx
 
     # ----------------------------------------------------------------------------------------
-    # saving and loading our own checkpoints (other formats: checkpoints.py)
+    # saving and loading our own checkpoints (other formats: formats/checkpoints.py)
 
     def save(self, path, tokenizer="bytes"):
         """Write config + weights + the tokenizer's name (checkpoints.load reads it) to path, via a
@@ -377,7 +377,7 @@ class GPT(nn.Module):
 
     @classmethod
     def load(cls, path):
-        """Our own checkpoint, written by GPT.save (other people's: checkpoints.py). Returns the
+        """Our own checkpoint, written by GPT.save (other people's: formats/checkpoints.py). Returns the
         model; its tokenizer's name is in model.tokenizer_name (checkpoints.load makes the tokenizer)."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs

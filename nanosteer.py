@@ -1,7 +1,7 @@
 """
 nanosteer.py: what you can put into a slot (an activation shift) or onto a weight (LoRA).
 Adila et al., 2026, "Weight Updates as Activation Shifts": the shifts of THEORY §2, LoRA (the
-bridge of §3), the joint constraint of §7, capture, oracle shifts, a report (files: adapters.py).
+bridge of §3), the joint constraint of §7, capture, oracle shifts, a report (files: formats/adapters.py).
 """
 import math
 import numbers

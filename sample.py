@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-import adapters
-import checkpoints
-import runtime
+from formats import adapters
+from formats import checkpoints
+from machinery import runtime
 from train import BASE_CHECKPOINT
 
 

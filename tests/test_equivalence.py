@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from formats import checkpoints
 import equivalence as eq
-import tools.output
+import experiments.redraw_figures
 import nanosteer as ns
 from model import GPT, GPTConfig
 
@@ -322,7 +322,7 @@ def test_a_failed_write_leaves_the_old_results_untouched(tmp_path, monkeypatch):
 
     def broken_save(fig, path):
         raise OSError("disk full")
-    monkeypatch.setattr(tools.output, "save_and_close", broken_save)
+    monkeypatch.setattr(experiments.redraw_figures, "save_and_close", broken_save)
     with pytest.raises(OSError):
         eq.main(["--init", str(tmp_path / "model.pt"), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["equivalence.json", "first_order.png", "mlp_share.png",
@@ -331,7 +331,7 @@ def test_a_failed_write_leaves_the_old_results_untouched(tmp_path, monkeypatch):
 
 
 def test_printed_paths_are_relative_to_the_repository(tmp_path):
-    from tools.output import shown
+    from experiments.redraw_figures import shown
     assert shown(os.path.join(ROOT, "out", "equivalence")) == os.path.join("out", "equivalence")
     assert shown(str(tmp_path / "eq")) == str(tmp_path / "eq")          # outside the repository: as given
     assert shown("smollm2-135m") == "smollm2-135m"

@@ -87,14 +87,14 @@ CASES = {
     "sample: hostile adapters": ("sample.py", SAMPLE + ["--adapters", "{hostile}"]),
     "sample: damaged adapters": ("sample.py", SAMPLE + ["--adapters", "{damaged_adapters}"]),
     "sample: adapters of another base": ("sample.py", SAMPLE + ["--adapters", "{other_adapters}"], "base"),
-    # tools/compare.py
-    "compare: missing init keeps train.log": ("tools/compare.py", QUICK + ["--init", "{missing}"]),
-    "compare: hostile init": ("tools/compare.py", QUICK + ["--init", "{hostile}"]),
-    "compare: out-dir is a file": ("tools/compare.py", QUICK + ["--out-dir", "{file}"]),
-    "compare: seeds 0": ("tools/compare.py", QUICK + ["--seeds", "0"]),
-    "compare: steps negative": ("tools/compare.py", QUICK + ["--steps", "-1"]),
-    "compare: task typo": ("tools/compare.py", QUICK + ["--tasks", "bolq"]),
-    "compare: budget typo": ("tools/compare.py", QUICK + ["--budget", "nanoo"]),
+    # experiments/compare.py
+    "compare: missing init keeps train.log": ("experiments/compare.py", QUICK + ["--init", "{missing}"]),
+    "compare: hostile init": ("experiments/compare.py", QUICK + ["--init", "{hostile}"]),
+    "compare: out-dir is a file": ("experiments/compare.py", QUICK + ["--out-dir", "{file}"]),
+    "compare: seeds 0": ("experiments/compare.py", QUICK + ["--seeds", "0"]),
+    "compare: steps negative": ("experiments/compare.py", QUICK + ["--steps", "-1"]),
+    "compare: task typo": ("experiments/compare.py", QUICK + ["--tasks", "bolq"]),
+    "compare: budget typo": ("experiments/compare.py", QUICK + ["--budget", "nanoo"]),
     # equivalence.py
     "equivalence: out is a file": ("equivalence.py", EQUIV + ["--out", "{file}"]),
     "equivalence: out inside a file": ("equivalence.py", EQUIV + ["--out", "{file}/figures"]),
@@ -162,7 +162,7 @@ def make_arena(root):
 
 def make_adapters(paths):
     """Adapters damaged (a tensor missing), and adapters trained on another base of one config."""
-    import adapters
+    from formats import adapters
     import nanosteer
     model = GPT.load(paths["base"])
     nanosteer.steer(model, "block_out", "linear", rank=2)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import adapters  # noqa: E402
+from formats import adapters  # noqa: E402
 import nanosteer  # noqa: E402
 from model import GPT, SITES, GPTConfig  # noqa: E402
 from nanosteer import LoRALinear, capture, freeze, lora, merge, orthogonalize, report, steer  # noqa: E402

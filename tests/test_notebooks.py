@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 sys.path[:0] = [str(ROOT), str(ROOT / "notebooks")]
 import course  # noqa: E402  (notebooks/course.py: the notebooks' helpers and exercise solutions)
-from tools import compare  # noqa: E402
+from experiments import compare  # noqa: E402
 import equivalence as eq  # noqa: E402
 import nanosteer as ns  # noqa: E402
 import tasks  # noqa: E402
@@ -375,8 +375,8 @@ def test_notebook_figures_fit_a_projector(path):
 
 
 def test_claims_figure_verdicts_and_redraw(tmp_path):
-    """tools/claims_figure.py: the verdict words follow the interval; the committed results redraw."""
-    from tools import claims_figure as cf
+    """experiments/claims_figure.py: the verdict words follow the interval; the committed results redraw."""
+    from experiments import claims_figure as cf
     assert cf.verdict("ahead", 1.0, 5.0) == "holds" and cf.verdict("ahead", -5.0, -1.0) == "does not hold"
     assert cf.verdict("within", -46.1, -41.7) == "does not hold"       # the miniature's post-block − full
     assert cf.combined(["holds", "cannot tell at ±2.0 points"]) == "cannot tell"
@@ -400,7 +400,7 @@ def test_claims_figure_verdicts_and_redraw(tmp_path):
 
 
 def test_output_redraws_a_committed_equivalence_json(tmp_path):
-    from tools import output
+    from experiments import redraw_figures as output
     output.main(["results/smollm2/equivalence.json" if Path.cwd() == ROOT else
                  str(ROOT / "results" / "smollm2" / "equivalence.json"), str(tmp_path), "--suffix", "_x"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first_order_x.png", "mlp_share_x.png", "sites_x.png"]

@@ -21,8 +21,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="reference checks need Hugging Face transformers")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import bpe  # noqa: E402
-import checkpoints  # noqa: E402
+from formats import bpe  # noqa: E402
+from formats import checkpoints  # noqa: E402
 from test_checkpoints import one_line_error  # noqa: E402
 from test_checkpoints import needs_smollm2  # noqa: E402
 

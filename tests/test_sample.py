@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import adapters
+from formats import adapters
 import nanosteer
 import sample
 from conftest import run_script

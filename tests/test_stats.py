@@ -1,5 +1,5 @@
 """
-Tests of tools/stats.py on stubbed per-prompt outcomes: the paired difference, McNemar's exact p
+Tests of experiments/stats.py on stubbed per-prompt outcomes: the paired difference, McNemar's exact p
 worked out by hand from binomial terms, bootstrap intervals on cases whose answer is known (and
 against the normal approximation), the seed-and-prompt interval, and the verdict words; the
 comparison table's mean ± std against an independent computation.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tools import stats
+from experiments import stats
 
 
 def pair(n10, n01, n11, n00):

@@ -51,8 +51,9 @@ def notebook_text(path):
 
 
 def code_files(root=ROOT):
-    """The Python files of the repo: top level, tools/, notebooks/, docs/, tests/."""
-    globs = ("*.py", "tools/*.py", "notebooks/*.py", "docs/*.py", "tests/*.py")
+    """The Python files of the repo: top level, its folders, notebooks/, docs/, tests/."""
+    globs = ("*.py", "formats/*.py", "machinery/*.py", "experiments/*.py", "benchmarks/*.py",
+             "notebooks/*.py", "docs/*.py", "tests/*.py")
     return sorted(p for pattern in globs for p in root.glob(pattern) if p.is_file())
 
 
@@ -184,7 +185,7 @@ def span(values, fmt="{}"):
 
 def test_the_miniature_numbers_quoted_are_the_ones_the_committed_logs_printed():
     """results/equivalence.log and .json (`python equivalence.py`) and results/real_finetune.log
-    (`python tools/real_finetune.py`) against THEORY's miniature numbers."""
+    (`python experiments/real_finetune.py`) against THEORY's miniature numbers."""
     flat = " ".join(THEORY.read_text(encoding="utf-8").split())       # a phrase may wrap a line
     rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in
             THEORY.read_text(encoding="utf-8").splitlines() if line.startswith("| miniature")}

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import adapters
+from formats import adapters
 import nanosteer
 from conftest import run_script, script_ok
 from model import GPT, GPTConfig
@@ -445,7 +445,7 @@ def test_resolve_args_returns_a_new_config_and_leaves_the_users_arguments_alone(
 
 
 def test_dtype_is_bf16_on_cuda_and_float32_on_a_cpu_unless_asked():
-    import runtime
+    from machinery import runtime
     assert runtime.pick_dtype("auto", "cuda") == "bfloat16"
     assert runtime.pick_dtype("auto", "cpu") == "float32"         # measured: bf16 moved the accuracy
     assert runtime.pick_dtype("bfloat16", "cpu") == "bfloat16"

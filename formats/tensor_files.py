@@ -1,8 +1,8 @@
 """
-formats.py: the files of other people's checkpoints, read without running any code in them. The
+formats/tensor_files.py: the files of other people's checkpoints, read without running any code in them. The
 safetensors format by hand (a dozen lines), its shards, pytorch_model.bin as plain tensors only,
-GGUF through the gguf package (llama.cpp's reference reader), and JSON. checkpoints.py maps what
-they hold onto our GPT; bpe.py builds the tokenizer.
+GGUF through the gguf package (llama.cpp's reference reader), and JSON. formats/checkpoints.py maps what
+they hold onto our GPT; formats/bpe.py builds the tokenizer.
 """
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 
 
 def unsupported(source, field, value):
-    """The one-line refusal of a setting our model does not implement (bpe.py, checkpoints.py)."""
+    """The one-line refusal of a setting our model does not implement (formats/bpe.py, formats/checkpoints.py)."""
     return ValueError(f"{source}: {field} = {value!r} is not supported by nanosteer's model (it would "
                       "compute something else); not loaded")
 

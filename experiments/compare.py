@@ -1,11 +1,11 @@
 """
-tools/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model
+experiments/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model
 (the miniature) or on a real pretrained LM: every method with the same data, batch, steps and
-rank, and the paper's claims, each with a paired 95% interval and a verdict (tools/stats.py).
+rank, and the paper's claims, each with a paired 95% interval and a verdict (experiments/stats.py).
 
-    python tools/compare.py                       # miniature: 10 methods x 3 tasks x 3 seeds
-    python tools/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
-    python tools/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
+    python experiments/compare.py                       # miniature: 10 methods x 3 tasks x 3 seeds
+    python experiments/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
+    python experiments/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
 
 Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its two
 together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps); a
@@ -27,12 +27,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import checkpoints  # noqa: E402
-import runtime  # noqa: E402
+from formats import checkpoints  # noqa: E402
+from machinery import runtime  # noqa: E402
 import train  # noqa: E402
 from model import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
-from tools import stats  # noqa: E402
+from experiments import stats  # noqa: E402
 
 SHIFT = "--mode activation --rank {r} --adapter "                      # a vector ignores --rank
 JOINT = "--mode joint --lora-rank {r} --rank {r} --ortho-every "

@@ -1,5 +1,5 @@
 """
-tools/stats.py: how sure a difference in accuracy between two methods is, from which prompts each
+experiments/stats.py: how sure a difference in accuracy between two methods is, from which prompts each
 one got right. Two runs scored on the SAME prompts are compared prompt by prompt (paired): a
 prompt both got right or both got wrong says nothing about which method is better; only the
 discordant prompts, right for one and wrong for the other, do. That resolves much smaller

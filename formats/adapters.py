@@ -1,5 +1,5 @@
 """
-adapters.py: adapter files. The adapters of a model (its shifts and LoRA factors, nanosteer.py)
+formats/adapters.py: adapter files. The adapters of a model (its shifts and LoRA factors, nanosteer.py)
 with what is needed to rebuild them, and nothing of the base model: kilobytes where the model is
 megabytes. A file is checked as a whole before the model changes. A first read skips this file.
 

@@ -1,5 +1,5 @@
 """
-bpe.py: a checkpoint's own tokenizer as a tiktoken Encoding, byte-level BPE (GPT-2's scheme)
+formats/bpe.py: a checkpoint's own tokenizer as a tiktoken Encoding, byte-level BPE (GPT-2's scheme)
 built from the vocabulary and merges in the checkpoint's files.
 
     enc = tokenizer_from_gguf(reader, name)   # GGUF metadata (tokenizer.ggml.*), read by gguf
@@ -7,14 +7,14 @@ built from the vocabulary and merges in the checkpoint's files.
 
 enc.stop_tokens lists the ids that end the model's turn and enc.chat_template is its chat template
 (or None). A tokenizer setting the Encoding would not reproduce exactly is refused in one line
-that names it. checkpoints.py builds one for each checkpoint it loads.
+that names it. formats/checkpoints.py builds one for each checkpoint it loads.
 """
 import json
 import os
 
 import tiktoken
 
-from formats import read_json, unsupported
+from formats.tensor_files import read_json, unsupported
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,22 @@
 """
-tools/claims_figure.py: the paper's three claims (THEORY §9) with their verdicts on both models,
+experiments/claims_figure.py: the paper's three claims (THEORY §9) with their verdicts on both models,
 drawn from the committed comparison results into one slide (docs/claims.png). Re-run it whenever
 results/compare/results.json or results/smollm2/verdict/results.json change:
 
-    python tools/claims_figure.py
+    python experiments/claims_figure.py
 
-Each claim is tools/stats.CLAIMS's comparison of two methods' test accuracy, a − b in points,
-averaged over the tasks and seeds of the comparison (tools/compare.py's "final" runs):
+Each claim is experiments/stats.CLAIMS's comparison of two methods' test accuracy, a − b in points,
+averaged over the tasks and seeds of the comparison (experiments/compare.py's "final" runs):
   1. post-block within 1 point of full fine-tuning
   2. post-block ahead of post-MLP and of pre-MLP  (both differences > 0)
   3. joint ahead of LoRA and of post-block alone  (both differences > 0)
 Where the comparison saved its per-prompt outcomes (outcomes.json beside results.json), the 95%
-interval is tools/stats.paired_interval's: paired prompt by prompt, bootstrapped over the (task,
+interval is experiments/stats.paired_interval's: paired prompt by prompt, bootstrapped over the (task,
 seed) pairs and their prompts. Where it did not (results/compare predates them), it is an unpaired
 approximation, 1.96 · √(prompt noise² + seed noise²): prompt noise is the binomial standard error
 of each accuracy over its N test prompts (tasks × seeds × n_eval), seed noise the standard error of
 the per-seed differences (none with one seed); it is wider than the paired one. The words are
-tools/stats.verdict's: "holds" if the whole interval agrees with the claim, "does not hold" if it
+experiments/stats.verdict's: "holds" if the whole interval agrees with the claim, "does not hold" if it
 contradicts it, else "cannot tell at ±x points".
 """
 import json
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
 from model import write_atomically  # noqa: E402
-from runtime import OneLineParser  # noqa: E402
-from tools.stats import CLAIMS, combined, paired_interval, table_config, verdict  # noqa: E402
+from machinery.runtime import OneLineParser  # noqa: E402
+from experiments.stats import CLAIMS, combined, paired_interval, table_config, verdict  # noqa: E402
 
 LABEL = {"linear_block_out": "post-block", "full": "full fine-tuning", "linear_mlp_out": "post-MLP",
          "linear_attn_out": "pre-MLP", "joint": "joint", "lora": "LoRA"}
@@ -71,8 +71,8 @@ def difference(results, a, b, outcomes=None):
 
 
 def verdicts(results, outcomes=None):
-    """-> ([(claim, label, diff, low, high, word)] per comparison of tools/stats.CLAIMS,
-    {claim: word}); the words are tools/stats.verdict's and tools/stats.combined's."""
+    """-> ([(claim, label, diff, low, high, word)] per comparison of experiments/stats.CLAIMS,
+    {claim: word}); the words are experiments/stats.verdict's and experiments/stats.combined's."""
     rows = []
     for claim, a, b, kind in CLAIMS:
         diff, low, high = difference(results, a, b, outcomes)
@@ -136,5 +136,5 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as e:
-        print(f"tools/claims_figure.py: error: {e}", file=sys.stderr)
+        print(f"experiments/claims_figure.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,5 @@
 """
-tools/fits.py: where to steer, measured (docs/THEORY.md §4–§6; Adila et al., 2026). A random low-rank
+experiments/fits.py: where to steer, measured (docs/THEORY.md §4–§6; Adila et al., 2026). A random low-rank
 weight update stands in for a fine-tune; a shift fitted at a site of the block says how much of
 the update's effect on the block output a steer there can recover. Also: the W_proj = 0 case, the
 oracle shift's rank and fits, the MLP's share of each layer's write. These are measurements, not

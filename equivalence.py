@@ -1,7 +1,11 @@
 """equivalence.py: docs/THEORY.md §3–§8 (Adila et al., 2026, "Weight Updates as Activation Shifts")
-checked with numbers, one function per demonstration. main() prints a row per check (kind: theorem,
+checked with numbers, one function per demonstration, in THEORY's order: a random low-rank update
+stands in for a fine-tune; the exact bridge (§3); first order through the MLP (§4); where to steer,
+measured by fitting a steer at each site (§4–§5); the skip share and the projection (§5); oracle
+shifts (§6); the joint constraint (§7); folding (§8). main() prints a row per check (kind: theorem,
 sanity, measured | measured | predicted | diff | tol | ok; exit 1 if a theorem or sanity row fails,
-2 on a bad argument), writes equivalence.json and 3 figures. `--init smollm2-135m`: a real LM."""
+2 on a bad argument), writes equivalence.json and 3 figures (machinery/figures.py draws them).
+`--init smollm2-135m`: a real LM."""
 import copy
 import os
 import sys
@@ -19,17 +23,39 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from formats import checkpoints
 import nanosteer as ns
 import tasks
-from experiments.fits import (KINDS, RANK, SITES, fit_shift, mlp_share, oracle_fits,  # noqa: F401
-                        random_update, with_update, where_to_steer, wproj_zero)  # fit_shift: course
-from experiments.redraw_figures import figure_writers, shown
-from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime, write_files
-from machinery.runtime import OneLineParser, check_out_dir, write_json
+from machinery.checks import OneLineParser, check_out_dir
+from machinery.figures import figure_writers
+from machinery.files import shown, write_files, write_json
+from model import SITES as ALL_SITES, GPT, Block, GPTConfig, gelu_prime
 from train import BASE_CHECKPOINT
 
 PROSE = Path(__file__).resolve().parent / "docs" / "probe_text.txt"  # the text the checks read
 EPS = [10.0 ** (-k / 2) for k in range(2, 9)]     # 1e-1 ... 1e-4: update sizes of the §4 checks
 FOLDS = {site: ("vector",) if site in ("resid_mid", "block_out") else ("vector", "linear", "reft")
          for site in ALL_SITES}                   # the shifts that fold at each site (THEORY §8)
+RANK, SCALE = 4, 0.3    # rank of random updates and fitted steers; ‖ΔW‖ / ‖W‖ of a random update
+SITES, KINDS = ("attn_out", "mlp_in", "mlp_out", "block_out"), ("vector", "linear", "nonlinear")
+
+# ---- a stand-in for a fine-tune: a random low-rank update of every weight matrix -----------------
+def random_update(module, seed, rank=RANK, biases=False):
+    """{name: Δθ}: each weight matrix moves by a LoRA-like ΔW = B A of rank r, ‖ΔW‖ = SCALE·‖W‖;
+    with biases=True its bias (if any) by a random Δb, ‖Δb‖ = SCALE·‖W‖. Norms stay put."""
+    g, update, params = torch.Generator().manual_seed(seed), {}, dict(module.named_parameters())
+    for name, p in [(name, p) for name, p in params.items() if p.dim() == 2]:
+        bias = name.removesuffix("weight") + "bias"
+        dW = torch.randn(p.shape[0], rank, generator=g) @ torch.randn(rank, p.shape[1], generator=g)
+        db = torch.randn(p.shape[0], generator=g) if biases and bias in params else None
+        for key, delta in [(name, dW)] + [(bias, db)] * (db is not None):
+            update[key] = (delta * SCALE * p.norm().item() / delta.norm()).to(p)
+    return update
+
+@torch.no_grad()
+def with_update(module, update):
+    """A copy of module with θ ← θ + Δθ."""
+    module = copy.deepcopy(module)
+    for name, delta in update.items():
+        module.get_parameter(name).add_(delta)
+    return module
 
 # ---- THEORY §3: the exact bridge at one linear layer ------------------------------------------
 @torch.no_grad()
@@ -49,6 +75,7 @@ def bridge_error(block, x, rank=RANK):
 # ---- THEORY §4: first-order transport through the MLP -----------------------------------------
 def linear_change(delta, name, h):               # ΔW h + Δb: how the Linear `name` moves (§3)
     return h @ delta[name + ".weight"].T + delta.get(name + ".bias", 0.0)
+
 def shifted_params(block, direction, e):          # the parameters θ + εΔ
     return {k: block.get_parameter(k) + e * step for k, step in direction.items()}
 
@@ -69,6 +96,7 @@ def closed_form_change(block, direction, x, proj_term=True):
     """δz of an MLP-only update ("mlp." names) by the closed form: p does not move, so δz = δy."""
     delta = {k.removeprefix("mlp."): v for k, v in direction.items()}
     return mlp_first_order(block.mlp, block.probe(x, "mlp_in")[1], delta, proj_term)
+
 def jvp_change(block, direction, x):             # d/dε block(x; θ + εΔ) at ε = 0, by autodiff
     params = {k: block.get_parameter(k).detach() for k in direction}
     with sdpa_kernel(SDPBackend.MATH):           # the fused CPU attention kernel has no forward AD
@@ -101,6 +129,73 @@ def first_order(model, x, layer, kind, eps=EPS):
     return dict(errors=errors, slope=slope[0], control_errors=control, control_slope=slope[1],
                 rel_err=((closed - auto).abs().max() / auto.abs().max()).item(),
                 fd_rel_err=((closed - diff).abs().max() / diff.abs().max()).item())
+
+# ---- THEORY §4–§5: where to steer, measured by fitting a steer at each site ----------------------
+def lbfgs(params, loss, iters=100):
+    """Minimize loss() over params by full-batch L-BFGS: no lr to tune."""
+    params = list(params)
+    opt = torch.optim.LBFGS(params, max_iter=iters, tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward(inputs=params)       # only params: a block's own weights stay out of it
+        return value
+    opt.step(closure)
+
+def least_squares(s, delta, rank):
+    """The rank-r linear map U D s closest to δ, closed form (reduced-rank least squares): δ ≈ s M,
+    kept to the top-r output directions V of s M, so U D s = s M V Vᵀ -> (D, U) = (Vᵀ Mᵀ, V)."""
+    M = torch.linalg.pinv(s) @ delta
+    Vt = torch.linalg.svd(s @ M, full_matrices=False).Vh[:rank]
+    return Vt @ M.T, Vt.T.contiguous()
+
+def silu_start(s, D, U):
+    """A nonlinear shift U σ(D s) that starts as the linear U D s: silu(a) ≈ a/2 near 0, so
+    (2/c) U silu(c D s) ≈ U D s when |c D s| ≤ 0.01 on every token -> (c D, (2/c) U)."""
+    c = 0.01 / (s @ D.T).abs().max().clamp(min=1e-12)
+    return c * D, 2 / c * U
+
+def fit_shift(block, site, kind, x, target, rank=RANK):
+    """A `kind` shift at `site` fitted (full-batch L-BFGS: no lr to tune) so that block(x) ≈ target,
+    and the share recovered, 1 − ‖z_steered − target‖² / ‖z − target‖². A nonlinear shift starts
+    from the linear fit."""
+    torch.manual_seed(0)
+    s, delta = block.probe(x, site)[1].flatten(0, -2), (target - block(x)).flatten(0, -2)
+    shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu").to(x)
+    if kind == "nonlinear":
+        linear = fit_shift(block, site, "linear", x, target, rank)[0].requires_grad_(False)
+        shift.D, shift.U = map(torch.nn.Parameter, silu_start(s, linear.D, linear.U))
+    elif site in ("mlp_out", "block_out") and kind == "linear":   # z moves by exactly U D s
+        shift.D, shift.U = map(torch.nn.Parameter, least_squares(s, delta, rank))
+
+    def loss():
+        return ((block.probe(x, site, shift)[0] - target) ** 2).sum() / (delta ** 2).sum()
+    lbfgs(shift.parameters(), loss)                   # (after a closed form: nothing left to do)
+    return shift, 1 - loss().item()
+
+def where_to_steer(block, x, update, sites=SITES):
+    """({site: {kind: share recovered}}, skip share ⟨δp, δz⟩ / ‖δz‖²) for an update of the block.
+    THEORY §5: z = p + y, so δz = δp + δy; the skip share is the part δp carries."""
+    (target, r_tuned), (z, r) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
+    table = {site: {kind: fit_shift(block, site, kind, x, target)[1] for kind in KINDS}
+             for site in sites}
+    return table, (((r_tuned - r) * (target - z)).sum() / ((target - z) ** 2).sum()).item()
+
+def wproj_zero(block, x, seed=0):
+    """THEORY §5 with W_proj = 0: y = b_proj for every token, so a post-MLP steer is a constant."""
+    base = with_update(block, {"mlp.c_proj.weight": -block.mlp.c_proj.weight})      # W_proj ← 0
+    table, _ = where_to_steer(base, x, random_update(block, seed), ("mlp_out", "block_out"))
+    return dict(mlp_out=max(table["mlp_out"].values()), block_out=table["block_out"]["linear"],
+                y_variance=base.probe(x, "mlp_out")[1].flatten(0, -2).var(0).max().item())
+
+@torch.no_grad()
+def mlp_share(model, idx):
+    """THEORY §5, the paper's per-layer picture: ‖y‖ / (‖y‖ + ‖a‖) per layer, mean over tokens."""
+    with ns.capture(model, ["attn_out", "mlp_out"]) as acts:
+        model(idx)
+    return [(y.norm(dim=-1) / (y.norm(dim=-1) + a.norm(dim=-1))).mean().item()
+            for a, y in zip(acts["attn_out"], acts["mlp_out"])]
 
 # ---- THEORY §5: the projection statement --------------------------------------------------------
 @torch.no_grad()
@@ -138,6 +233,20 @@ def skip_share(block, x, update):
         min=t.min().item(), max=t.max().item(), outside=((t < 0) | (t > 1)).double().mean().item())
 
 # ---- THEORY §6–§8: oracle shifts; joint adaptation; folding -------------------------------------
+def rank90(a):
+    """How many directions hold 90% of the variance of a's rows."""
+    energy = torch.linalg.svdvals(a - a.mean(0)) ** 2
+    return int((energy.cumsum(0) / energy.sum() < 0.9).sum()) + 1
+
+def oracle_fits(block, x, delta):
+    """THEORY §6: rank90 of the oracle shifts delta (B, T, d) of `block` next to the base block
+    output's and noise's, and the shares recovered by linear and nonlinear post-block fits."""
+    fits = {kind + "_fit": fit_shift(block, "block_out", kind, x, block(x) + delta)[1]
+            for kind in ("linear", "nonlinear")}
+    flat = delta.flatten(0, -2)
+    return dict(rank90=rank90(flat), rank90_base=rank90(block(x).flatten(0, -2).detach()),
+                rank90_noise=rank90(torch.randn_like(flat)), **fits)
+
 class Replay(torch.nn.Module):
     """A "shift" that adds one stored (B, T, d) tensor, whatever it reads: an oracle in a slot."""
     def __init__(self, delta):
@@ -262,8 +371,8 @@ def print_report(r, rows):
           f"MLP share ‖y‖/(‖y‖ + ‖a‖) per layer: {' '.join(f'{v:.2f}' for v in r['mlp_share'])}")
 
 def write(r, out):
-    """equivalence.json and the three figures, through model.write_files: all of them or none."""
-    write_files(out, {"equivalence.json": partial(write_json, r), **figure_writers(r, EPS)})
+    """equivalence.json and the three figures, through write_files: all of them or none."""
+    write_files(out, {"equivalence.json": partial(write_json, r), **figure_writers(r, EPS, RANK)})
 
 def main(argv=None):
     parser = OneLineParser(description="Check docs/THEORY.md §3–§8 with numbers.")

@@ -8,13 +8,14 @@ RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases.
 formats live in formats/checkpoints.py.
 """
 import math
-import numbers
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from machinery.checks import check_config
+from machinery.files import save_torch, write_atomically
 
 # The places inside a block where a shift can be added, in the order the data flows through them,
 # and the paper's names for three of them (pre-MLP, post-MLP, post-block).
@@ -29,57 +30,6 @@ def resolve_site(site):
         raise ValueError(f"unknown site {site!r}: choose one of {', '.join(SITES)} "
                          f"(or the paper's names {', '.join(ALIASES)})")
     return site
-
-
-def check_layers(model, layers):
-    """None -> every layer; an int or a list of ints -> that list, if each layer exists, once."""
-    n_layer = model.config.n_layer
-    if layers is None:
-        return list(range(n_layer))
-    layers = [layers] if isinstance(layers, numbers.Integral) else layers
-    listed = isinstance(layers, (list, tuple, range))
-    ints = listed and all(isinstance(x, numbers.Integral) for x in layers)
-    if not ints or any(isinstance(x, bool) for x in layers):
-        raise ValueError(f"layers must be an int or a list of ints, not {layers!r}")
-    bad = [layer for layer in layers if not 0 <= layer < n_layer]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or list(layers)} do not exist: "
-                         f"this model has layers 0..{n_layer - 1}")
-    if len(set(layers)) < len(layers):
-        raise ValueError(f"layers {list(layers)} name a layer twice: name each once")
-    return list(layers)
-
-
-def write_files(folder, writers):
-    """The one way this repository writes files: {name: write} -> each write(tmp) fills a temporary
-    file in folder; only when all have succeeded do they replace the old ones (os.replace, a rename).
-    A failure or Ctrl-C leaves every old file as it was. A temporary keeps its extension (savefig)."""
-    os.makedirs(folder or ".", exist_ok=True)
-    temporary = {}
-    try:
-        for name, write in writers.items():
-            root, extension = os.path.splitext(name)
-            temporary[name] = os.path.join(folder, f"{root}.{os.getpid()}.tmp{extension}")
-            write(temporary[name])
-        for name, tmp in temporary.items():
-            os.replace(tmp, os.path.join(folder, name))
-    finally:
-        for tmp in temporary.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def write_atomically(path, write):
-    """One file through write_files: write(tmp) fills a temporary file that then replaces path."""
-    write_files(os.path.dirname(path), {os.path.basename(path): write})
-
-
-def save_torch(payload, path):
-    """torch.save, byte for byte reproducible: torch names the archive inside a file after the
-    file (our temporary names differ from run to run), but always 'archive' when given an open
-    file, so the same tensors give the same bytes and the same sha256."""
-    with open(path, "wb") as f:
-        torch.save(payload, f)
 
 
 @dataclass
@@ -101,29 +51,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares its weight with wte
 
     def __post_init__(self):
-        """Every field checked here, in one line each, so a bad config never reaches a tensor."""
-        least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
-                            n_kv_head=0)
-        for field, least in least_values.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-                raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
-        for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
-            value = getattr(self, field)
-            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if not number or not (0 <= value < 1 if field == "dropout" else 0 < value < math.inf):
-                raise ValueError(f"config {field}={value!r}: it must be a number {where}")
-        choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"),
-                       pos=("learned", "rotary"), bias=(True, False), tie_embeddings=(True, False))
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"unknown {field} {getattr(self, field)!r}: use one of "
-                                 f"{', '.join(map(str, allowed))}")
-        if self.n_embd % self.n_head or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}, "
-                             f"and n_head a multiple of n_kv_head {self.n_kv_head}")
-        if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("rotary positions need an even head size n_embd / n_head")
+        check_config(self)   # every field, in one line each: a bad config never reaches a tensor
 
     @property
     def d_mlp(self):         # the MLP's hidden width, the width of the mlp_hidden site

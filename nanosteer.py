@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import SITES, Slot, check_layers, resolve_site
+from machinery.checks import check_layers, whole_number
+from model import SITES, Slot, resolve_site
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
@@ -76,13 +77,6 @@ class ReFTShift(nn.Module):
         return (s @ self.W.T + self.b - s @ R.T) @ R
 
 SHIFTS = {cls.kind: cls for cls in (VectorShift, LinearShift, NonlinearShift, ReFTShift)}
-
-def whole_number(value, low, high, message):
-    """value as an int if it is a whole number (no bool) in low..high, else ValueError(message)."""
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not whole or not low <= value <= high:
-        raise ValueError(message)
-    return int(value)
 
 def attach(plan):
     """Put each planned adapter in place: plan = [(name, parent, attribute, module)]. Only called

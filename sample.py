@@ -23,11 +23,12 @@ import torch
 from formats import adapters
 from formats import checkpoints
 from machinery import runtime
+from machinery.checks import OneLineParser
 from train import BASE_CHECKPOINT
 
 
 def parse_args(argv=None):
-    p = runtime.OneLineParser(description="Continue a prompt with a model, optionally with adapters.")
+    p = OneLineParser(description="Continue a prompt with a model, optionally with adapters.")
     p.add_argument("--init", default=BASE_CHECKPOINT, help="the model: anything train.py --init takes")
     p.add_argument("--adapters", default=None, help="an adapters.pt that train.py wrote for this model")
     p.add_argument("--prompt", default="", help="the text to continue")

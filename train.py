@@ -23,11 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from formats import adapters
-from formats import checkpoints
 import nanosteer
-from machinery import runtime
-from model import GPT, GPTConfig, SITES, resolve_site, write_files
+from formats import adapters, checkpoints
+from machinery import arguments, runtime
+from machinery.checks import OneLineParser
+from machinery.figures import loss_figure
+from machinery.files import write_files, write_json
+from model import GPT, GPTConfig, SITES
 from tasks import TASKS, byte_encoding, exact_match, load_jsonl, make_splits, pack
 
 # The base model every adaptation starts from by default: committed with the repository (RESULTS.md
@@ -52,7 +54,7 @@ LM_DEFAULTS = dict(lr={"full": 3e-5, "lora": 5e-4, "shift": 1e-3}, rank=8, lora_
 
 
 def parse_args(argv=None):
-    p = runtime.OneLineParser(description="Pretrain, fine-tune, steer, or do both at once.")
+    p = OneLineParser(description="Pretrain, fine-tune, steer, or do both at once.")
     g = p.add_argument_group("what to train")
     g.add_argument("--mode", default="joint", choices=["pretrain", "weight", "activation", "joint"],
                    help="pretrain the base model, or adapt it through weights, activations or both")
@@ -111,7 +113,7 @@ def resolve_args(args):
     if config.mode == "pretrain" and config.init is not None:
         raise ValueError(f"--mode pretrain trains a new model from scratch, it takes no --init: drop --init {config.init}")
     config.init = BASE_CHECKPOINT if config.init is None else config.init
-    check_choices(config)
+    arguments.check_choices(config)
     if config.data is not None:
         config.task = os.path.splitext(os.path.basename(config.data))[0]
     # other people's pretrained language models get LM_DEFAULTS, our own small models NANO_DEFAULTS
@@ -134,60 +136,13 @@ def resolve_args(args):
             config.layers = [int(s) for s in config.layers.split(",")]
         except ValueError:
             raise ValueError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
-    check_numbers(config)
+    arguments.check_numbers(config)
     if config.out_dir is None:
         config.out_dir = OWN_BASE_DIR if config.mode == "pretrain" else \
             os.path.join("out", f"{config.mode}-{config.task}")
-    check_files(config)
+    arguments.check_files(config, BASE_CHECKPOINT)
     return config
 
-
-def check_choices(config):
-    """Names that must be one of a list: task, site, adapter, activation, and joint's pairing."""
-    if config.data is None and config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)} or pass --data FILE.jsonl")
-    config.site = resolve_site(config.site)
-    if config.adapter not in nanosteer.SHIFTS:
-        raise ValueError(f"unknown adapter {config.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
-    if config.act not in nanosteer.ACTIVATIONS:
-        raise ValueError(f"unknown activation {config.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
-    if config.mode == "joint" and (config.site != "block_out" or config.adapter not in ("linear", "nonlinear")):
-        raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
-                         "of THEORY §7 projects: drop --site/--adapter or set them so")
-
-
-def check_numbers(config):
-    """Counts and rates in their ranges (also NaN and infinity, which every comparison rejects)."""
-    if config.lora_rank < 0 or (config.mode == "joint" and config.lora_rank == 0):
-        raise ValueError(f"--lora-rank {config.lora_rank} is invalid: use ≥ 1 for LoRA (or 0 for full fine-tuning "
-                         "in weight mode)")
-    positive = dict(steps=config.steps, batch_size=config.batch_size, log_every=config.log_every,
-                    n_train=config.n_train, n_eval=config.n_eval, rank=config.rank)
-    at_least_zero = dict(warmup=config.warmup, ortho_every=config.ortho_every, ckpt_every=config.ckpt_every)
-    bad = [k for k, v in positive.items() if not v > 0] + [k for k, v in at_least_zero.items() if not v >= 0]
-    if bad:
-        raise ValueError(f"--{bad[0].replace('_', '-')} must be {'positive' if bad[0] in positive else '≥ 0'}, "
-                         f"got {getattr(config, bad[0])}")
-    if config.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
-        raise ValueError(f"under torchrun --batch-size ≥ the number of processes: got {config.batch_size} for "
-                         f"{os.environ['WORLD_SIZE']} processes")
-    rates = dict(lr=config.lr, lora_lr=config.lora_lr, lora_alpha=1.0 if config.lora_alpha is None else config.lora_alpha)
-    bad = [k for k, v in rates.items() if not (math.isfinite(v) and v > 0)]
-    if bad:
-        raise ValueError(f"--{bad[0].replace('_', '-')} must be positive and finite, got {getattr(config, bad[0])}")
-
-
-def check_files(config):
-    """Files to read exist, the output folder can be written, a resume file is there if asked for."""
-    runtime.check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
-    if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
-        raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
-    if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != BASE_CHECKPOINT \
-            and config.init not in checkpoints.NAMES:
-        raise ValueError(f"--init {config.init} does not exist: give a checkpoint file, a Hugging Face "
-                         f"directory, a .gguf file, {checkpoints.SMOLLM2} or a gpt2 name")
-    if config.data is not None and not os.path.isfile(config.data):
-        raise ValueError(f"--data {config.data} is not a file: give a JSONL file of prompt/completion lines")
 
 # ---------------------------------------------------------------------------------------------
 # building the model to train
@@ -366,17 +321,12 @@ def saves_whole_model(config):
 
 
 def write_outputs(model, enc, config, results, hits):
-    """The run's files, written together (model.write_files): a failure leaves the old ones whole."""
-    from matplotlib.figure import Figure   # draws to a file without touching pyplot's backend (notebooks)
-    fig = Figure(figsize=(6, 3.5), layout="tight")
-    ax = fig.subplots()
-    ax.plot(results["losses"], lw=0.8)
-    ax.set(xlabel="step", ylabel="loss (completion tokens)", yscale="log",
-           title=f"{config.mode} on {config.task}: {results['base_accuracy']:.0%} -> {results['accuracy']:.0%}")
+    """The run's files, written together (machinery/files.py's write_files): a failure leaves the old ones whole."""
+    fig = loss_figure(results, config.mode, config.task)
     # character i is "1" iff prompt i of the split (in make_splits' order) was answered exactly
     outcomes = {s: "".join("1" if hit else "0" for hit in hits[s].tolist()) for s in ("val", "test")}
-    files = {"results.json": lambda tmp: runtime.write_json(results, tmp),
-             "outcomes.json": lambda tmp: runtime.write_json(outcomes, tmp),
+    files = {"results.json": lambda tmp: write_json(results, tmp),
+             "outcomes.json": lambda tmp: write_json(outcomes, tmp),
              "loss.png": lambda tmp: fig.savefig(tmp, dpi=100)}
     if saves_whole_model(config):
         files["model.pt"] = lambda tmp: model.save(tmp, tokenizer=enc.name)   # checkpoints.load reads it

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # model.py
-from model import write_atomically  # noqa: E402
+from machinery.files import write_atomically  # noqa: E402
 
 STREAM, BRANCH = 1.0, 4.6          # x of the residual stream and of the sublayers
 SITE_COLOR, BOX_COLOR = "#c0392b", "#eaf2fb"

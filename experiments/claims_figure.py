@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: model.py is one folder up
     sys.path.insert(0, str(ROOT))
-from model import write_atomically  # noqa: E402
-from machinery.runtime import OneLineParser  # noqa: E402
+from machinery.checks import OneLineParser  # noqa: E402
+from machinery.files import write_atomically  # noqa: E402
 from experiments.stats import CLAIMS, combined, paired_interval, table_config, verdict  # noqa: E402
 
 LABEL = {"linear_block_out": "post-block", "full": "full fine-tuning", "linear_mlp_out": "post-MLP",

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from formats import checkpoints  # noqa: E402
-from machinery import runtime  # noqa: E402
 import train  # noqa: E402
-from model import write_atomically, write_files  # noqa: E402
+from machinery.checks import OneLineParser, check_out_dir as check_folder  # noqa: E402
+from machinery.files import write_atomically, write_files  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from experiments import stats  # noqa: E402
 
@@ -73,7 +73,7 @@ BUDGETS = {  # one budget for every method of a table; seeded: the methods run a
 
 def parse_args(argv=None):
     """The arguments, every one checked before any work (a ValueError: one line)."""
-    p = runtime.OneLineParser(description="Every method, one budget: a table and verdicts.")
+    p = OneLineParser(description="Every method, one budget: a table and verdicts.")
     p.add_argument("--init", default=train.BASE_CHECKPOINT, help="the base model (train.py --init)")
     p.add_argument("--budget", choices=BUDGETS, help="default: nano, lm-verdict (pretrained LM)")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests: no sweep")
@@ -122,7 +122,7 @@ def config(args):                            # what makes a table: one config a 
 def check_out_dir(args):
     """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
     out = args.out_dir
-    runtime.check_out_dir(out)
+    check_folder(out)
     saved = os.path.join(out, "config.json")
     old = read_json(saved) if os.path.exists(saved) else {}
     changed = [key for key, value in config(args).items() if old.get(key) != value]

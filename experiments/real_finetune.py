@@ -7,7 +7,7 @@ Every weight of the committed base (results/base/model.pt) is fine-tuned on bool
 by block: the share of the block's change a rank-4 linear steer recovers at each site, the skip
 share (within the block, and over the whole model; per token, its range and how many tokens lie
 outside [0, 1]), the MLP's share of the write on these prompts; then the W_proj = 0 case
-(experiments/fits.py's random update, not the fine-tune), and the oracle shift's rank. Then, fitted on 64
+(equivalence.py's random update, not the fine-tune), and the oracle shift's rank. Then, fitted on 64
 boolq training rows: the oracle fits at block 2, and each steer's KL(fine-tuned ‖ steered) on the
 16 test prompts. About 1.5 minutes on one core, from the repository root; the same seed gives the
 same numbers on the same CPU.
@@ -27,7 +27,6 @@ import equivalence as eq  # noqa: E402
 import nanosteer as ns  # noqa: E402
 import tasks  # noqa: E402
 from model import GPT  # noqa: E402
-from experiments.fits import SITES, rank90, where_to_steer, wproj_zero  # noqa: E402
 
 from train import BASE_CHECKPOINT as BASE  # noqa: E402
 
@@ -50,8 +49,8 @@ def main():
     for layer, (block, block_tuned) in enumerate(zip(blocks, tuned.transformer.h)):
         tuned_params = dict(block_tuned.named_parameters())
         update = {name: tuned_params[name] - p for name, p in block.named_parameters()}
-        table, _ = where_to_steer(block, streams[layer], update)
-        shares = " ".join(f"{site} {table[site]['linear']:.3f}" for site in SITES)
+        table, _ = eq.where_to_steer(block, streams[layer], update)
+        shares = " ".join(f"{site} {table[site]['linear']:.3f}" for site in eq.SITES)
         # skip share ⟨δp, δz⟩/‖δz‖² (THEORY §5): within the block (the base block's input, only its
         # own update), then over the whole model (every earlier update arrives in x too)
         within, per_token = eq.skip_share(block, streams[layer], update)
@@ -67,14 +66,14 @@ def main():
               f"{whole.min().item():.2f} to {whole.max().item():.2f}, {outside[1]} outside) of "
               f"{len(whole)} tokens | MLP share {mlp_share:.2f}")
     mid = len(blocks) // 2
-    zero = wproj_zero(blocks[mid], streams[mid])
+    zero = eq.wproj_zero(blocks[mid], streams[mid])
     print(f"W_proj = 0, block {mid}, a random update (not the fine-tune) on these prompts: "
           f"best post-MLP {zero['mlp_out']:.3f}, linear post-block {zero['block_out']:.3f}")
     deltas = ns.oracle(base, tuned, idx)
     print("rank90 oracle / base output per block:",
-          [(rank90(d.flatten(0, 1)), rank90(z.flatten(0, 1)))
+          [(eq.rank90(d.flatten(0, 1)), eq.rank90(z.flatten(0, 1)))
            for d, z in zip(deltas, a_base["block_out"])],
-          "noise", rank90(torch.randn_like(deltas[0].flatten(0, 1))))
+          "noise", eq.rank90(torch.randn_like(deltas[0].flatten(0, 1))))
     fit = tasks.make_splits("boolq", seed=0, n_train=64)["train"]
     idx_fit, _ = tasks.pack(fit, tasks.get_tokenizer("bytes"), base.config.block_size)
     s, delta = course.oracle_inputs(base, tuned, idx_fit, "block_out")[mid]

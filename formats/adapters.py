@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import save_torch, write_atomically
+from machinery.files import save_torch, write_atomically
 from nanosteer import (LoRALinear, adapter_parameters, attach, linear_layers, lora_plan, own_tensors,
                        shift_plan)
 

@@ -20,7 +20,8 @@ import torch
 
 from formats.bpe import tokenizer_from_gguf, tokenizer_from_json
 from formats.tensor_files import is_gguf, read_gguf, read_json, read_weights, unsupported
-from model import GPT, GPTConfig, write_atomically
+from machinery.files import write_atomically
+from model import GPT, GPTConfig
 from tasks import byte_encoding, get_tokenizer
 
 SMOLLM2 = "smollm2-135m"

@@ -1,29 +1,18 @@
 """
 machinery/runtime.py: where and how train.py's loop runs, kept out of the loop so that it reads as the math.
 A first read skips this file. It holds: the device and the number format (bf16 autocast), several
-processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the checks of an output folder.
+processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the check of a finite loss.
 """
-import argparse
-import json
 import math
 import os
 import signal
-import tempfile
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
 
-from model import save_torch, write_atomically
-
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+from machinery.files import save_torch, write_atomically
 
 # ---------------------------------------------------------------------------------------------
 # device and number format
@@ -145,40 +134,7 @@ def load_resume(path, config, model, optimizer, batches):
     return state["step"], state["losses"]
 
 # ---------------------------------------------------------------------------------------------
-# checks that come before any work
-
-
-def check_out_dir(out_dir, init=None, flag="--out-dir"):
-    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
-    the checkpoint the run starts from (a run's files there could replace or be mistaken for it).
-    Every script checks its output folder here, before any work."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"{flag} {out_dir} is a file, not a folder: give a folder")
-    existing = out_dir
-    while not os.path.exists(existing):                 # the nearest folder that exists must be writable
-        existing = os.path.dirname(existing) or "."
-    if not os.path.isdir(existing) or not can_write_in(existing):
-        raise ValueError(f"{flag} {out_dir} cannot be written ({existing} is not a writable folder): "
-                         f"choose another {flag}")
-    if init is not None and os.path.isfile(init):
-        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
-            raise ValueError(f"{flag} {out_dir} holds the --init checkpoint {init}, which the run "
-                             f"could write over: choose another {flag}")
-
-
-def write_json(value, path):
-    """The JSON files of a run (results.json, outcomes.json, equivalence.json), for write_files."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-
-
-def can_write_in(folder):
-    """Try it: os.access says yes to root even on a read-only file system."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+# a check after every step
 
 
 def check_finite(losses, step):

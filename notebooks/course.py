@@ -14,14 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from formats import adapters
-from formats import checkpoints
 import equivalence as eq
 import nanosteer as ns
 import tasks
 import train
+from experiments import stats
+from formats import adapters, checkpoints
 from model import GPT, gelu_prime
-from experiments import fits, stats
 
 # ---------------------------------------------------------------------------------------------
 # notebook 2: fitting a map to the oracle, and the KL divergence of the steered model
@@ -31,9 +30,9 @@ def share_recovered(shift, s, delta):
     return 1 - ((shift(s) - delta) ** 2).sum().item() / (delta ** 2).sum().item()
 
 def fit_in_place(shift, s, delta, iters=200):
-    """Fit `shift` so that Δ(s) ≈ δ: fits.lbfgs on ‖Δ(s) − δ‖² / ‖δ‖²."""
+    """Fit `shift` so that Δ(s) ≈ δ: eq.lbfgs on ‖Δ(s) − δ‖² / ‖δ‖²."""
     scale = (delta ** 2).sum()
-    fits.lbfgs(shift.parameters(), lambda: ((shift(s) - delta) ** 2).sum() / scale, iters)
+    eq.lbfgs(shift.parameters(), lambda: ((shift(s) - delta) ** 2).sum() / scale, iters)
     return shift
 
 def random_start(s, rank, seed, act="silu"):
@@ -56,7 +55,7 @@ def fit_oracle(s, delta, kind, rank=eq.RANK, seeds=(0, 1, 2)):
     if kind == "nonlinear":   # eq.fit_shift's start: the linear fit, in silu's near-linear range
         linear = fit_oracle(s, delta, "linear", rank)[0].requires_grad_(False)
         shift = ns.NonlinearShift(s.shape[-1], rank, "silu", s.dtype)
-        shift.D, shift.U = map(torch.nn.Parameter, fits.silu_start(s, linear.D, linear.U))
+        shift.D, shift.U = map(torch.nn.Parameter, eq.silu_start(s, linear.D, linear.U))
         return fit_in_place(shift, s, delta), None
     if kind == "reft":        # LoReFT, Rᵀ(W s + b − R s), from the linear fit U D s: R spans col(U),
         linear, _ = fit_oracle(s, delta, "linear", rank)                  # W = R + R U D, b = 0
@@ -68,7 +67,7 @@ def fit_oracle(s, delta, kind, rank=eq.RANK, seeds=(0, 1, 2)):
     torch.manual_seed(0)
     shift = ns.SHIFTS[kind](s.shape[-1], rank, "silu", s.dtype)
     if kind == "linear":      # closed form, as eq.fit_shift's where the shift adds to z directly
-        shift.D, shift.U = map(torch.nn.Parameter, fits.least_squares(s, delta, rank))
+        shift.D, shift.U = map(torch.nn.Parameter, eq.least_squares(s, delta, rank))
         return shift, None
     return fit_in_place(shift, s, delta), None
 

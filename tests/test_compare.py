@@ -27,7 +27,8 @@ import torch
 from experiments import compare, stats
 from conftest import ENV, ROOT, ctrl_c_as_in_a_terminal, run_script
 from test_checkpoints import needs_smollm2
-from model import GPT, write_files
+from machinery.files import write_files
+from model import GPT
 
 
 def python(*args):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script, script_ok
+from conftest import script_ok
 
 JOINT = ["--mode", "joint", "--steps", "30", "--batch-size", "7", "--n-train", "200", "--log-every", "10",
          "--device", "cpu"]

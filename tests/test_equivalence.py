@@ -1,5 +1,5 @@
 """
-Tests of equivalence.py and fits.py: each demonstration meets its threshold on a tiny model (2 layers,
+Tests of equivalence.py: each demonstration meets its threshold on a tiny model (2 layers,
 width 32, float64), a deliberately wrong formula fails the same check, and the GLU closed form holds
 on a Llama-style block (RMSNorm, rotary, grouped-query attention, no biases) and, when the package
 is installed, on a block of the real SmolLM2-135M.
@@ -21,8 +21,8 @@ import torch
 
 from formats import checkpoints
 import equivalence as eq
-import experiments.redraw_figures
 import nanosteer as ns
+from machinery import figures
 from model import GPT, GPTConfig
 
 # torch.func.jvp loads torch's own forward-mode decompositions through torch.jit.script, which warns
@@ -322,7 +322,7 @@ def test_a_failed_write_leaves_the_old_results_untouched(tmp_path, monkeypatch):
 
     def broken_save(fig, path):
         raise OSError("disk full")
-    monkeypatch.setattr(experiments.redraw_figures, "save_and_close", broken_save)
+    monkeypatch.setattr(figures, "save_and_close", broken_save)
     with pytest.raises(OSError):
         eq.main(["--init", str(tmp_path / "model.pt"), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["equivalence.json", "first_order.png", "mlp_share.png",
@@ -331,7 +331,7 @@ def test_a_failed_write_leaves_the_old_results_untouched(tmp_path, monkeypatch):
 
 
 def test_printed_paths_are_relative_to_the_repository(tmp_path):
-    from experiments.redraw_figures import shown
+    from machinery.files import shown
     assert shown(os.path.join(ROOT, "out", "equivalence")) == os.path.join("out", "equivalence")
     assert shown(str(tmp_path / "eq")) == str(tmp_path / "eq")          # outside the repository: as given
     assert shown("smollm2-135m") == "smollm2-135m"

@@ -1,0 +1,98 @@
+"""
+machinery/checks.py: checks that come before any work, so that a bad argument costs nothing: one
+line for the user, never a traceback. The command-line parser, output folders, a model's config,
+layer lists and whole numbers. A first read skips this file (train.py's own arguments:
+machinery/arguments.py).
+"""
+import argparse
+import math
+import numbers
+import os
+import tempfile
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def check_out_dir(out_dir, init=None, flag="--out-dir"):
+    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
+    the checkpoint the run starts from (a run's files there could replace or be mistaken for it).
+    Every script checks its output folder here, before any work."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{flag} {out_dir} is a file, not a folder: give a folder")
+    existing = out_dir
+    while not os.path.exists(existing):                 # the nearest folder that exists must be writable
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing) or not can_write_in(existing):
+        raise ValueError(f"{flag} {out_dir} cannot be written ({existing} is not a writable folder): "
+                         f"choose another {flag}")
+    if init is not None and os.path.isfile(init):
+        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
+            raise ValueError(f"{flag} {out_dir} holds the --init checkpoint {init}, which the run "
+                             f"could write over: choose another {flag}")
+
+
+def can_write_in(folder):
+    """Try it: os.access says yes to root even on a read-only file system."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_config(config):
+    """Every field of a GPTConfig checked, in one line each, so a bad config never reaches a tensor."""
+    least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
+                        n_kv_head=0)
+    for field, least in least_values.items():
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
+    for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
+        value = getattr(config, field)
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not number or not (0 <= value < 1 if field == "dropout" else 0 < value < math.inf):
+            raise ValueError(f"config {field}={value!r}: it must be a number {where}")
+    choices = dict(mlp=("gelu", "glu"), norm=("layernorm", "rmsnorm"),
+                   pos=("learned", "rotary"), bias=(True, False), tie_embeddings=(True, False))
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"unknown {field} {getattr(config, field)!r}: use one of "
+                             f"{', '.join(map(str, allowed))}")
+    if config.n_embd % config.n_head or config.n_head % (config.n_kv_head or config.n_head):
+        raise ValueError(f"n_embd {config.n_embd} must be a multiple of n_head {config.n_head}, "
+                         f"and n_head a multiple of n_kv_head {config.n_kv_head}")
+    if config.pos == "rotary" and (config.n_embd // config.n_head) % 2:
+        raise ValueError("rotary positions need an even head size n_embd / n_head")
+
+
+def check_layers(model, layers):
+    """None -> every layer; an int or a list of ints -> that list, if each layer exists, once."""
+    n_layer = model.config.n_layer
+    if layers is None:
+        return list(range(n_layer))
+    layers = [layers] if isinstance(layers, numbers.Integral) else layers
+    listed = isinstance(layers, (list, tuple, range))
+    ints = listed and all(isinstance(x, numbers.Integral) for x in layers)
+    if not ints or any(isinstance(x, bool) for x in layers):
+        raise ValueError(f"layers must be an int or a list of ints, not {layers!r}")
+    bad = [layer for layer in layers if not 0 <= layer < n_layer]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or list(layers)} do not exist: "
+                         f"this model has layers 0..{n_layer - 1}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"layers {list(layers)} name a layer twice: name each once")
+    return list(layers)
+
+
+def whole_number(value, low, high, message):
+    """value as an int if it is a whole number (no bool) in low..high, else ValueError(message)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or not low <= value <= high:
+        raise ValueError(message)
+    return int(value)

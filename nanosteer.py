@@ -196,6 +196,8 @@ def orthogonalize(model, rtol=1e-4):
     Singular directions below rtol × the largest are skipped: B = 0 (step 0) projects nothing."""
     for block in model.transformer.h:
         shift, c_proj = block.slots["block_out"].shift, block.mlp.c_proj
+        # a linear or nonlinear shift (NonlinearShift is a LinearShift: the same D reads s);
+        # vector and ReFT shifts have no D, and joint mode never puts them at block_out
         if not isinstance(c_proj, LoRALinear) or not isinstance(shift, LinearShift):
             continue
         left, S, _ = torch.linalg.svd(c_proj.lora_B.double(), full_matrices=False)  # in float64

@@ -195,7 +195,7 @@ def train_steps(config, proc, model, optimizer, train_x, train_y, batches, start
     losses, t0 = list(losses), time.time()
     for step in range(start, config.steps):
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, config.steps, config.warmup)
+            g["lr"] = g["peak_lr"] * lr_factor(step, config.steps, config.warmup)  # peak: --lr, --lora-lr
         rows = torch.randint(len(train_x), (config.batch_size,), generator=batches)  # the global batch
         mine = rows[proc.rank::proc.world]                                   # this process's share of it
         with proc.autocast:
@@ -205,8 +205,9 @@ def train_steps(config, proc, model, optimizer, train_x, train_y, batches, start
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # THEORY §7: D ← D (I − V Vᵀ) after every --ortho-every steps (default 1: every step; 0: never)
         if config.mode == "joint" and config.ortho_every and (step + 1) % config.ortho_every == 0:
-            nanosteer.orthogonalize(model)                      # THEORY §7; the same on every process
+            nanosteer.orthogonalize(model)                      # (the same on every process)
         losses.append(runtime.mean_over_processes(loss.detach(), proc.world))
         runtime.check_finite(losses, step)
         stop = proc.ctrl_c.pressed()

@@ -73,6 +73,8 @@ def parse_args(argv=None):
                    "default 4, 8 on a pretrained LM)")
     g.add_argument("--act", default="silu", help="σ of the nonlinear shift: silu, relu, gelu, tanh")
     g.add_argument("--layers", default=None, help="comma-separated layers to adapt, shifts and LoRA alike (default: all)")
+    g.add_argument("--shift-init", default="normal", choices=["normal", "steerling"], help="D of a linear or "
+                   "nonlinear shift: N(0, 1/n), or steerling's 1e-3 of Kaiming's uniform (THEORY §2)")
     g = p.add_argument_group("weight updates (weight and joint modes)")
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning "
                    "(weight mode only; default 8 for weight, for joint 4, 8 on a pretrained LM)")
@@ -84,6 +86,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 256, "
                    "16 on a pretrained LM)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 50, 10 on a pretrained LM)")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="after the warmup: a "
+                   "cosine decay to 10%% of the peak, or a linear one to 0 (steerling's)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of the shifts (or of the "
                    "weights in pretrain / full fine-tuning)")
     g.add_argument("--lora-lr", type=float, default=None, help=f"peak learning rate of LoRA (default {DEFAULT_LR['lora']})")
@@ -161,7 +165,11 @@ def build_model(config, device, model=None):
     if config.mode in ("weight", "joint"):
         nanosteer.lora(model, config.lora_rank, config.lora_alpha, layers=config.layers)
     if config.mode in ("activation", "joint"):
-        nanosteer.steer(model, config.site, config.adapter, config.rank, config.layers, config.act)
+        shifts = nanosteer.steer(model, config.site, config.adapter, config.rank, config.layers, config.act)
+        if config.shift_init == "steerling":            # its adapter's down: nn.Linear's init × 1e-3
+            with torch.no_grad():
+                for shift in shifts:
+                    torch.nn.init.kaiming_uniform_(shift.D, a=math.sqrt(5)).mul_(1e-3)
     return model
 
 
@@ -176,10 +184,13 @@ def make_optimizer(model, config):
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def lr_factor(step, steps, warmup=50):
-    """Linear warmup, then a cosine decay to 10% of the peak. (A run of ≤ warmup steps never reaches the peak.)"""
+def lr_factor(step, steps, warmup=50, schedule="cosine"):
+    """Linear warmup, then a cosine decay to 10% of the peak, or (schedule "linear", Hugging Face's)
+    a straight line to 0 at the last step. (A run of ≤ warmup steps never reaches the peak.)"""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "linear":
+        return (steps - step) / max(1, steps - warmup)
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -195,7 +206,7 @@ def train_steps(config, proc, model, optimizer, train_x, train_y, batches, start
     losses, t0 = list(losses), time.time()
     for step in range(start, config.steps):
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, config.steps, config.warmup)  # peak: --lr, --lora-lr
+            g["lr"] = g["peak_lr"] * lr_factor(step, config.steps, config.warmup, config.schedule)  # peak: --lr, --lora-lr
         rows = torch.randint(len(train_x), (config.batch_size,), generator=batches)  # the global batch
         mine = rows[proc.rank::proc.world]                                   # this process's share of it
         with proc.autocast:

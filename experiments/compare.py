@@ -48,13 +48,23 @@ METHODS = {  # name: (rate family, row label, train.py arguments; {r}: the budge
     "vector_block_out": ("shift", "vector @ block_out", SHIFT + "vector --site block_out"),
     "joint": ("joint", "joint: LoRA + block_out, orthogonal", JOINT + "1"),
     "joint_no_ortho": ("joint", "joint, --ortho-every 0", JOINT + "0"),
+    # steerling's recipe for its post-block adapter: U silu(D z), D at 1e-3 of nn.Linear's init, a
+    # linear decay after 3% warmup ({w} steps), its default rate 9e-4 (THEORY §2, §9)
+    "recipe_block_out": ("recipe", "steerling's recipe @ block_out", SHIFT + "nonlinear --site block_out "
+                         "--shift-init steerling --schedule linear --warmup {w}"),
 }
 RATE_FLAGS = {"full": {"--lr": "full"}, "lora": {"--lora-lr": "lora"}, "shift": {"--lr": "shift"},
-              "joint": {"--lr": "shift", "--lora-lr": "lora"}}   # {flag swept: grid of its rates}
+              "joint": {"--lr": "shift", "--lora-lr": "lora"},     # {flag swept: grid of its rates}
+              "recipe": {"--lr": "recipe"}}
 MAX_GROWTH = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
 # a real LM: inside the paper's ranges (THEORY §9), centred on SmolLM2's winners at 120 steps
 LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3e-4, 1e-3, 3e-3]}
+# longer budgets (the learning curve, RESULTS.md) start from the 300-step winners: full
+# fine-tuning and LoRA keep theirs; post-block also tries the next rate down, since a longer run
+# often wants a lower peak. lm-3000 takes lm-1000's winners. steerling's recipe runs at its own rate.
+BUDGET_GRID = {"lm-1000": {"full": [3e-4], "lora": [1.5e-3], "shift": [1e-3, 3e-3], "recipe": [9e-4]},
+               "lm-3000": {"full": [3e-4], "lora": [1.5e-3], "shift": [3e-3], "recipe": [9e-4]}}
 STEP_SECONDS = {"bfloat16": 0.92, "float32": 1.42}  # a SmolLM2 steering step, 2 CPU cores: results/smollm2/dtype.txt
 ALL, IN_CLAIMS = tuple(METHODS), ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
 BUDGET_KEYS = ("tasks", "seeds", "steps", "batch_size", "n_train", "n_eval", "rank", "seeded")
@@ -68,6 +78,12 @@ BUDGETS = {  # one budget for every method of a table; seeded: the methods run a
     "lm-verdict": ("listops", 3, 300, 16, 20000, 2000, 8, IN_CLAIMS),
     "lm-gpu": ("listops,arith,boolq", 3, 300, 16, 20000, 1000, 8, ALL),
     "lm-quick": ("boolq", 1, 2, 4, 200, 8, 8, ALL),
+    # the learning curve on SmolLM2 listops past lm-verdict's 300 steps (RESULTS.md); at 3000 steps
+    # the training rows grow to one per example seen (3000 x 16)
+    "lm-1000": ("listops", 3, 1000, 16, 20000, 2000, 8, ("full", "linear_block_out")),
+    "lm-3000": ("listops", 1, 3000, 16, 48000, 2000, 8, ()),
+    # the second task at lm-verdict's budget: 3 seeds of the two methods of claim 1, one of the rest
+    "lm-arith": ("arith", 3, 300, 16, 20000, 2000, 8, ("full", "linear_block_out")),
 }
 
 
@@ -78,8 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", choices=BUDGETS, help="default: nano, lm-verdict (pretrained LM)")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests: no sweep")
     p.add_argument("--tasks", help="comma-separated built-in tasks")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated, a subset of the table (default: every method)")
+    p.add_argument("--methods", help="comma-separated, a subset of the table (default: every method "
+                   "but steerling's recipe, which only the lm-1000 and lm-3000 budgets run)")
     p.add_argument("--seeds", type=int, help="run seeds 0..n-1")
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--batch-size", type=int, help="examples per step")
@@ -93,7 +109,8 @@ def parse_args(argv=None):
     args.budget = args.budget or DEFAULT_BUDGET[args.lm, args.quick]
     for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.tasks, methods = args.tasks.split(","), args.methods.split(",")
+    args.tasks = args.tasks.split(",")
+    methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "recipe_block_out"]
     args.methods = [name for name in METHODS if name in methods]      # once each, in table order
     if not set(methods) <= set(METHODS):
         raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
@@ -103,7 +120,11 @@ def parse_args(argv=None):
                          "--n-eval must be positive")
     defaults = train.LM_DEFAULTS["lr"] if args.lm else train.DEFAULT_LR
     one_each = {family: [defaults[family]] for family in NANO_GRID}   # --quick: train.py's rates
-    args.grid = one_each if args.quick else LM_GRID if args.lm else NANO_GRID
+    args.grid = one_each if args.quick else BUDGET_GRID.get(args.budget, LM_GRID if args.lm else NANO_GRID)
+    without = [name for name in args.methods if not set(RATE_FLAGS[METHODS[name][0]].values()) <= set(args.grid)]
+    if without:
+        raise ValueError(f"{without[0]} runs only with a budget whose grid has its rate: "
+                         f"{', '.join(BUDGET_GRID)}")
     slug = "".join(c if c.isalnum() else "-" for c in os.path.splitext(args.init)[0]).strip("-")
     args.out_dir = args.out_dir or os.path.join("out", f"compare-{slug}-{args.budget}")
     check_out_dir(args)
@@ -135,7 +156,7 @@ def train_argv(args, name, task, seed, lrs, folder):
     rates = " ".join(f"{flag} {value}" for flag, value in lrs.items())
     line = (f"{METHODS[name][2]} {rates} --task {task} --seed {seed} --steps {args.steps} "
             f"--batch-size {args.batch_size} --n-train {args.n_train} --n-eval {args.n_eval} "
-            f"--device {args.device} --dtype {args.dtype}").format(r=args.rank)
+            f"--device {args.device} --dtype {args.dtype}").format(r=args.rank, w=round(0.03 * args.steps))
     return line.split() + ["--init", args.init, "--out-dir", folder]   # paths may hold spaces
 
 

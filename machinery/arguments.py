@@ -21,6 +21,9 @@ def check_choices(config):
         raise ValueError(f"unknown adapter {config.adapter!r}: choose one of {', '.join(nanosteer.SHIFTS)}")
     if config.act not in nanosteer.ACTIVATIONS:
         raise ValueError(f"unknown activation {config.act!r}: choose one of {', '.join(nanosteer.ACTIVATIONS)}")
+    if config.shift_init == "steerling" and config.adapter not in ("linear", "nonlinear"):
+        raise ValueError(f"--shift-init steerling sets the D of a linear or nonlinear shift; a {config.adapter} "
+                         "shift has none: drop --shift-init")
     if config.mode == "joint" and (config.site != "block_out" or config.adapter not in ("linear", "nonlinear")):
         raise ValueError("joint mode steers block_out with a linear or nonlinear shift, whose D the constraint "
                          "of THEORY §7 projects: drop --site/--adapter or set them so")

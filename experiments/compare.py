@@ -1,19 +1,18 @@
 """
-experiments/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on our small base model
-(the miniature) or on a real pretrained LM: every method with the same data, batch, steps and
-rank, and the paper's claims, each with a paired 95% interval and a verdict (experiments/stats.py).
+experiments/compare.py: the paper's comparison (Adila et al., 2026; THEORY §9) on the miniature or a
+real LM: every method with the same data, batch, steps and rank, and the paper's claims, each with
+a paired 95% interval and a verdict (experiments/stats.py).
 
     python experiments/compare.py                       # miniature: 10 methods x 3 tasks x 3 seeds
     python experiments/compare.py --init smollm2-135m   # SmolLM2-135M, budget lm-verdict (2 CPU cores)
-    python experiments/compare.py --init smollm2-135m --budget lm-gpu --device cuda   # 3 tasks x 3 seeds
 
 Rates, per task on seed 0's validation split: every method sweeps its own grid (joint steps its two
 together); the best validation accuracy wins (a tie: the lowest loss of the last 20 steps); a
-winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a finished run (train.py in
-this process; runs/<task>-<method>-lr<rates>-seed<s>/ holds its results.json, outcomes.json,
-argv.json) is read back, not redone. Another config in --out-dir needs --force. Writes results.md,
-compare.png, results.json, outcomes.json, config.json; appends the logs. --quick: for tests.
---methods: some rows only (their table replaces the folder's; a later whole table reads them back).
+winner at an edge adds a rate beyond (at most MAX_GROWTH). Resumable: a finished run
+(runs/<task>-<method>-lr<rates>-seed<s>/: results.json, outcomes.json, argv.json) is read back,
+not redone. Another config in --out-dir needs --force. Writes results.md, compare.png,
+results.json, outcomes.json, config.json; appends the logs. --quick: for tests. --methods: some
+rows only (their table replaces the folder's; a later whole table reads them back).
 """
 import contextlib
 import functools
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from formats import checkpoints  # noqa: E402
 import train  # noqa: E402
 from machinery.checks import OneLineParser, check_out_dir as check_folder  # noqa: E402
-from machinery.files import write_atomically, write_files  # noqa: E402
+from machinery.files import read_json, write_atomically, write_files, write_text  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from experiments import stats  # noqa: E402
 
@@ -60,26 +59,24 @@ MAX_GROWTH = 2
 NANO_GRID = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "shift": [3e-3, 1e-2, 3e-2]}
 # a real LM: inside the paper's ranges (THEORY §9), centred on SmolLM2's winners at 120 steps
 LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3e-4, 1e-3, 3e-3]}
-# longer budgets (the learning curve, RESULTS.md) start from the 300-step winners: full
-# fine-tuning and LoRA keep theirs; post-block also tries the next rate down, since a longer run
-# often wants a lower peak. lm-3000 takes lm-1000's winners. steerling's recipe runs at its own rate.
+# the learning curve starts from the 300-step winners; post-block also tries the next rate down (a
+# longer run often wants a lower peak); lm-3000 takes lm-1000's winners; the recipe keeps its own
 BUDGET_GRID = {"lm-1000": {"full": [3e-4], "lora": [1.5e-3], "shift": [1e-3, 3e-3], "recipe": [9e-4]},
                "lm-3000": {"full": [3e-4], "lora": [1.5e-3], "shift": [3e-3], "recipe": [9e-4]}}
 STEP_SECONDS = {"bfloat16": 0.92, "float32": 1.42}  # a SmolLM2 steering step, 2 CPU cores: results/smollm2/dtype.txt
-ALL, IN_CLAIMS = tuple(METHODS), ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
+ALL = tuple(name for name in METHODS if name != "recipe_block_out")     # the tables' rows
+IN_CLAIMS = ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
 BUDGET_KEYS = ("tasks", "seeds", "steps", "batch_size", "n_train", "n_eval", "rank", "seeded")
 DEFAULT_BUDGET = {(False, False): "nano", (False, True): "nano-quick", (True, False): "lm-verdict",
                   (True, True): "lm-quick"}                 # (a pretrained LM?, --quick?): budget
 BUDGETS = {  # one budget for every method of a table; seeded: the methods run at every seed
     "nano": ("listops,arith,boolq", 3, 250, 64, 20000, 500, 4, ALL),
     "nano-quick": ("boolq", 1, 10, 16, 200, 100, 4, ALL),
-    # the verdict on 2 CPU cores: 120 steps stop short of convergence; 2000 test prompts: ±1.25
-    # points if 1 prompt in 12 is discordant (stats.paired_interval, 60:110 of 2000)
+    # the verdict on 2 CPU cores; 2000 test prompts: ±1.25 points if 1 in 12 is discordant
     "lm-verdict": ("listops", 3, 300, 16, 20000, 2000, 8, IN_CLAIMS),
     "lm-gpu": ("listops,arith,boolq", 3, 300, 16, 20000, 1000, 8, ALL),
     "lm-quick": ("boolq", 1, 2, 4, 200, 8, 8, ALL),
-    # the learning curve on SmolLM2 listops past lm-verdict's 300 steps (RESULTS.md); at 3000 steps
-    # the training rows grow to one per example seen (3000 x 16)
+    # the learning curve past lm-verdict's 300 steps; at 3000 steps a training row per example seen
     "lm-1000": ("listops", 3, 1000, 16, 20000, 2000, 8, ("full", "linear_block_out")),
     "lm-3000": ("listops", 1, 3000, 16, 48000, 2000, 8, ()),
     # the second task at lm-verdict's budget: 3 seeds of the two methods of claim 1, one of the rest
@@ -110,7 +107,7 @@ def parse_args(argv=None):
     for key, value in zip(BUDGET_KEYS, BUDGETS[args.budget]):
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.tasks = args.tasks.split(",")
-    methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "recipe_block_out"]
+    methods = args.methods.split(",") if args.methods else ALL
     args.methods = [name for name in METHODS if name in methods]      # once each, in table order
     if not set(methods) <= set(METHODS):
         raise ValueError(f"--methods takes {', '.join(METHODS)}, comma-separated")
@@ -121,10 +118,9 @@ def parse_args(argv=None):
     defaults = train.LM_DEFAULTS["lr"] if args.lm else train.DEFAULT_LR
     one_each = {family: [defaults[family]] for family in NANO_GRID}   # --quick: train.py's rates
     args.grid = one_each if args.quick else BUDGET_GRID.get(args.budget, LM_GRID if args.lm else NANO_GRID)
-    without = [name for name in args.methods if not set(RATE_FLAGS[METHODS[name][0]].values()) <= set(args.grid)]
-    if without:
-        raise ValueError(f"{without[0]} runs only with a budget whose grid has its rate: "
-                         f"{', '.join(BUDGET_GRID)}")
+    for name in args.methods:
+        if not set(RATE_FLAGS[METHODS[name][0]].values()) <= set(args.grid):
+            raise ValueError(f"{name} runs only with a budget whose grid has its rate: {', '.join(BUDGET_GRID)}")
     slug = "".join(c if c.isalnum() else "-" for c in os.path.splitext(args.init)[0]).strip("-")
     args.out_dir = args.out_dir or os.path.join("out", f"compare-{slug}-{args.budget}")
     check_out_dir(args)
@@ -160,18 +156,6 @@ def train_argv(args, name, task, seed, lrs, folder):
     return line.split() + ["--init", args.init, "--out-dir", folder]   # paths may hold spaces
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def text_file(text):
-    def write(path):                          # model.write_files calls it with a temporary path
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    return write
-
-
 def run(args, name, task, seed, lrs, log):
     """One train.py run at the rates lrs ({flag: value}), or, when its folder holds a finished
     run with the same arguments, that run read back. -> its results (and outcomes)."""
@@ -179,7 +163,7 @@ def run(args, name, task, seed, lrs, log):
     folder = os.path.join(args.out_dir, "runs", f"{task}-{name}-lr{rates}-seed{seed}")
     argv = train_argv(args, name, task, seed, lrs, folder)
     files = [os.path.join(folder, f) for f in ("results.json", "outcomes.json", "argv.json")]
-    reused = all(map(os.path.exists, files)) and read_json(files[2]) == argv
+    reused = all(map(os.path.exists, files)) and read_json(files[2], list) == argv
     if not reused:
         with contextlib.redirect_stdout(log):
             print(f"\n$ python train.py {' '.join(argv)}", flush=True)
@@ -189,7 +173,7 @@ def run(args, name, task, seed, lrs, log):
                 print(f"failed: {e}", flush=True)
                 return dict(method=name, task=task, seed=seed, lrs=lrs, reused=False, failed=str(e),
                             val_accuracy=-1, accuracy=0, final_loss=math.inf, train_seconds=0)
-        write_atomically(files[2], text_file(json.dumps(argv)))    # last: the run is finished
+        write_atomically(files[2], write_text(json.dumps(argv)))    # last: the run is finished
     res, outcomes = read_json(files[0]), read_json(files[1])
     losses = res.pop("losses")                # all of them stay in the run's own results.json
     return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]),
@@ -226,25 +210,10 @@ LABEL = {"majority": "majority class (train's commonest answer)", "base": "base 
          **{name: METHODS[name][1] for name in METHODS}}
 
 
-class Progress:
-    """A line a run (console, progress.log); its ETA counts the runs to train, not to read back."""
-    def __init__(self, plan, path, unread):
-        self.plan, self.path, self.unread = plan, path, unread
-        self.done, self.trained, self.seconds = 0, 0, 0.0
-
-    def report(self, r, seconds):
-        self.done, self.unread = self.done + 1, max(0, self.unread - r["reused"])
-        if not r["reused"]:
-            self.trained, self.seconds = self.trained + 1, self.seconds + seconds
-        eta = self.seconds / max(1, self.trained) * max(0, self.plan - self.done - self.unread) / 60
-        line = (f"run {self.done:3d}/{self.plan} | {r['phase']:5s} | {r['task']:7s} | "
-                f"{r['method']:19s} | seed {r['seed']} | lr {stats.rates_text(r['lrs']):15s} | "
-                f"val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
-                f"{r['train_seconds']:5.0f} s | " + ("done before" if r["reused"] else
-                                                    f"eta {eta:5.1f} min"))
-        print(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:      # a log: appended line by line
-            print(line, file=f)
+def planned_runs(args, name):
+    """A method's runs on one task: its sweep's rates on seed 0, then its other seeds."""
+    first_family = next(iter(RATE_FLAGS[METHODS[name][0]].values()))
+    return len(args.grid[first_family]) + (args.seeds if name in args.seeded else 1) - 1
 
 
 def run_all(args, log, progress):
@@ -274,9 +243,8 @@ def run_all(args, log, progress):
 
 
 def main(args):
-    write_atomically(os.path.join(args.out_dir, "config.json"), text_file(json.dumps(config(args))))
-    seeds = [args.seeds if name in args.seeded else 1 for name in args.methods]
-    plan, start = len(args.tasks) * sum(len(args.grid["full"]) + s - 1 for s in seeds), time.time()
+    write_atomically(os.path.join(args.out_dir, "config.json"), write_text(json.dumps(config(args))))
+    plan, start = len(args.tasks) * sum(map(functools.partial(planned_runs, args), args.methods)), time.time()
     folders = os.path.join(args.out_dir, "runs")  # finished runs of these rows: run() reads them
     prefixes = tuple(f"{task}-{name}-lr" for task in args.tasks for name in args.methods)
     on_disk = sum(f.startswith(prefixes) and os.path.exists(os.path.join(folders, f, "argv.json"))
@@ -289,7 +257,7 @@ def main(args):
         hours = {d: to_train * args.steps * STEP_SECONDS[d] / 3600 for d in STEP_SECONDS}
         print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
               + " (a steering step's time; full FT's slower steps and evaluation add)", flush=True)
-    progress = Progress(plan, os.path.join(args.out_dir, "progress.log"), on_disk)
+    progress = stats.Progress(plan, os.path.join(args.out_dir, "progress.log"), on_disk)
     with open(os.path.join(args.out_dir, "train.log"), "a", buffering=1) as log:   # train.py's
         runs, chosen, edges = run_all(args, log, progress)
     finals = [r for r in runs if r["phase"] == "final"]
@@ -301,9 +269,9 @@ def main(args):
     for r in runs:
         r.pop("outcomes", None)               # in each run's folder; the finals' in outcomes.json
     everything = dict(config=config(args), chosen_lrs=chosen, edges=edges, summary=rows, runs=runs)
-    write_files(args.out_dir, {"results.md": text_file(table),         # together, or none of them
-                               "results.json": text_file(json.dumps(everything, indent=1)),
-                               "outcomes.json": text_file(json.dumps(outcomes, indent=0)),
+    write_files(args.out_dir, {"results.md": write_text(table),         # together, or none of them
+                               "results.json": write_text(json.dumps(everything, indent=1)),
+                               "outcomes.json": write_text(json.dumps(outcomes, indent=0)),
                                "compare.png": functools.partial(stats.chart, rows, args, LABEL)})
     print(f"\n{table}\n{len(runs)} runs, {(time.time() - start) / 60:.1f} min in this sitting; "
           f"wrote {args.out_dir}/results.md, results.json, outcomes.json, compare.png")

@@ -11,10 +11,11 @@ outcomes.json). Differences and intervals are in accuracy points (percent).
     paired_difference(a, b)     mean accuracy of a minus b, points
     mcnemar_p(a, b)             exact two-sided McNemar p of one pair of runs
     paired_interval(pairs)      95% bootstrap interval; a pair per seed (each its own prompts)
+    accuracy_interval(runs)     one method's accuracy and its 95% interval, the same bootstrap
     verdict(claim, lo, hi)      "holds" / "does not hold" / "cannot tell at ±x points"
     claims_table(...)           the paper's three claims, each comparison with its interval
-and compare.py's report of them: summarize (mean ± std over seeds per method), results_markdown
-(results.md: the table, then the claims), chart (compare.png).
+and compare.py's report of them: Progress (a line a run, with an ETA), summarize (mean ± std over
+seeds per method), results_markdown (results.md: the table, then the claims), chart (compare.png).
 """
 import math
 import statistics
@@ -90,6 +91,20 @@ def paired_interval(pairs, resamples=RESAMPLES, seed=0):
     low, high = np.percentile(total / S, [(100 - LEVEL) / 2, (100 + LEVEL) / 2])
     difference = sum(paired_difference(a, b) for a, b in pairs) / S
     return difference, float(low), float(high)
+
+
+def accuracy_interval(runs, resamples=RESAMPLES, seed=0):
+    """runs: one method's outcome strings, one per training seed. -> (mean accuracy, low, high) in
+    points, from the same hierarchical bootstrap as paired_interval: S seeds drawn with
+    replacement, then each drawn seed's prompts (the number right ~ Binomial(n, its accuracy))."""
+    rng = np.random.default_rng(seed)
+    accuracies = [outcomes(r).mean() for r in runs]
+    picks = rng.integers(0, len(runs), size=(resamples, len(runs)))
+    draws = np.stack([rng.binomial(len(r), acc, size=resamples) / len(r)       # (seeds, resamples)
+                      for r, acc in zip(runs, accuracies)])
+    total = sum(draws[picks[:, slot], np.arange(resamples)] for slot in range(len(runs)))
+    low, high = np.percentile(100 * total / len(runs), [(100 - LEVEL) / 2, (100 + LEVEL) / 2])
+    return 100 * float(np.mean(accuracies)), float(low), float(high)
 
 
 def verdict(claim, low, high, margin=1.0):
@@ -249,3 +264,24 @@ def chart(rows, args, label, path):
     ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=f"{args.init}, {', '.join(args.tasks)}"
            f": {args.steps} steps, rank {args.rank}; mean ± std over seeds")
     fig.savefig(path, dpi=110, format="png")
+
+
+class Progress:
+    """A line a run (console, progress.log); its ETA counts the runs to train, not to read back."""
+    def __init__(self, plan, path, unread):
+        self.plan, self.path, self.unread = plan, path, unread
+        self.done, self.trained, self.seconds = 0, 0, 0.0
+
+    def report(self, r, seconds):
+        self.done, self.unread = self.done + 1, max(0, self.unread - r["reused"])
+        if not r["reused"]:
+            self.trained, self.seconds = self.trained + 1, self.seconds + seconds
+        eta = self.seconds / max(1, self.trained) * max(0, self.plan - self.done - self.unread) / 60
+        line = (f"run {self.done:3d}/{self.plan} | {r['phase']:5s} | {r['task']:7s} | "
+                f"{r['method']:19s} | seed {r['seed']} | lr {rates_text(r['lrs']):15s} | "
+                f"val {r['val_accuracy']:.3f} | test {r['accuracy']:.3f} | "
+                f"{r['train_seconds']:5.0f} s | " + ("done before" if r["reused"] else
+                                                    f"eta {eta:5.1f} min"))
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:      # a log: appended line by line
+            print(line, file=f)

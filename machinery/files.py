@@ -50,6 +50,27 @@ def write_json(value, path):
         json.dump(value, f, indent=2)
 
 
+def write_text(text):
+    """-> write(path) for write_files: the text, as UTF-8."""
+    def write(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
+def read_json(path, kind=dict):
+    """The JSON file at path, which must hold a `kind` (a dict: an object); anything else, or a file
+    that is not JSON, is a one-line ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}): delete or restore it") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON {kind.__name__}: delete or restore it")
+    return value
+
+
 def shown(path):
     """A path as printed and recorded: relative to the repository root when inside it."""
     full = os.path.abspath(path)

@@ -304,7 +304,8 @@ def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tm
     assert tried["joint"] == [{"--lr": r, "--lora-lr": r} for r in (3e-3, 1e-2, 3e-2, 1e-3)]
     assert chosen["joint"] == {"--lr": 3e-3, "--lora-lr": 3e-3}
     assert chosen["joint_no_ortho"] == {"--lr": 1e-2, "--lora-lr": 1e-2}
-    for name in compare.METHODS:
+    assert "recipe_block_out" not in results["chosen_lrs"]           # only the curve's budgets run it
+    for name in compare.ALL:
         finals = [r for r in results["runs"] if r["method"] == name and r["phase"] == "final"]
         assert sorted(r["seed"] for r in finals) == [0, 1] and all(r["lrs"] == chosen[name] for r in finals)
         assert rows[name]["listops"][0] == pytest.approx(finals[0]["accuracy"] - 0.05)   # seeds 0, 1
@@ -365,7 +366,7 @@ def test_ctrl_c_keeps_the_finished_runs_and_the_next_start_goes_on(tmp_path, mon
 
 
 def test_the_eta_counts_the_runs_left_to_train_not_the_runs_read_back(tmp_path):
-    progress = compare.Progress(6, tmp_path / "progress.log", 2)      # 6 planned, 2 finished before
+    progress = stats.Progress(6, tmp_path / "progress.log", 2)      # 6 planned, 2 finished before
     run = dict(phase="sweep", task="listops", method="full", seed=0, lrs={"--lr": 1e-3},
                val_accuracy=0.5, accuracy=0.5, train_seconds=60)
     progress.report({**run, "reused": True}, 0.1)
@@ -433,3 +434,17 @@ def test_the_verdict_budget_estimates_its_time_and_seeds_the_claims_methods(tmp_
     assert claims[f"{block} − {compare.LABEL['full']}"][4] == "–"
     mlp_out = claims[f"{block} − {compare.LABEL['linear_mlp_out']}"]
     assert mlp_out[1] == "1" and float(mlp_out[4]) <= 1.0                  # 1 seed: McNemar's p
+
+
+def test_the_curve_budgets_run_steerlings_recipe_at_its_own_rate_and_warmup(tiny_base, tmp_path):
+    """lm-1000's grid holds the recipe's 9e-4; its train.py line asks for the nonlinear shift with
+    steerling's init and a linear schedule after 3% warmup. Elsewhere the recipe is refused."""
+    args = compare.parse_args(["--init", str(tiny_base), "--budget", "lm-1000", "--steps", "200",
+                               "--methods", "full,linear_block_out,recipe_block_out", "--out-dir", str(tmp_path)])
+    assert args.grid["recipe"] == [9e-4] and args.grid["shift"] == [1e-3, 3e-3]
+    line = " ".join(compare.train_argv(args, "recipe_block_out", "listops", 0, {"--lr": 9e-4}, "x"))
+    assert "--adapter nonlinear --site block_out --shift-init steerling --schedule linear --warmup 6" in line
+    assert [compare.planned_runs(args, m) for m in args.methods] == [3, 4, 1]     # full: 1 rate, 3 seeds
+    with pytest.raises(ValueError, match="recipe_block_out runs only with a budget"):
+        compare.parse_args(["--init", str(tiny_base), "--methods", "recipe_block_out", "--out-dir", str(tmp_path / "b")])
+

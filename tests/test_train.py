@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from formats import adapters
 import nanosteer
+import train
 from conftest import run_script, script_ok
+from formats import adapters
 from model import GPT, GPTConfig
 from tasks import byte_encoding, exact_match, make_splits, pack
 
@@ -450,3 +451,20 @@ def test_dtype_is_bf16_on_cuda_and_float32_on_a_cpu_unless_asked():
     assert runtime.pick_dtype("auto", "cpu") == "float32"         # measured: bf16 moved the accuracy
     assert runtime.pick_dtype("bfloat16", "cpu") == "bfloat16"
     assert runtime.pick_dtype("float32", "cuda") == "float32"
+
+
+def test_the_linear_schedule_and_steerlings_init_are_what_steerling_trains_with():
+    """--schedule linear: Hugging Face's linear decay, to 0 at the last step after the warmup;
+    --shift-init steerling: D = 1e-3 × nn.Linear's Kaiming-uniform init, |D| ≤ 1e-3/√n."""
+    assert [train.lr_factor(s, 100, 10, "linear") for s in (0, 9, 10, 55, 99)] == \
+        pytest.approx([0.1, 1.0, 1.0, 0.5, 1 / 90])
+    assert train.lr_factor(99, 100, 10) == pytest.approx(0.1, abs=1e-3)          # cosine: to 10%
+    config = train.resolve_args(train.parse_args(["--mode", "activation", "--adapter", "nonlinear",
+                                                  "--shift-init", "steerling", "--out-dir", "unused"]))
+    model = train.build_model(config, "cpu", GPT(GPTConfig(n_layer=2, n_embd=32)))
+    D = model.transformer.h[0].slots["block_out"].shift.D
+    assert 0.5e-3 / 32 ** 0.5 < D.abs().max().item() <= 1e-3 / 32 ** 0.5 and D.requires_grad
+    with pytest.raises(ValueError, match="--shift-init steerling sets the D"):
+        train.resolve_args(train.parse_args(["--mode", "activation", "--adapter", "vector",
+                                             "--shift-init", "steerling", "--out-dir", "unused"]))
+

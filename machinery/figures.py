@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 SLIDE = {"font.size": 12}                       # every text of a figure: 12 pt or more
+NAMES = {"results/base/model.pt": "the miniature", "smollm2-135m": "SmolLM2-135M"}   # in titles
 
 
 def loss_figure(results, mode, task):
@@ -28,6 +29,7 @@ def equivalence_figures(r, eps, rank):
     """equivalence.py's results r -> {name: figure}: first_order (THEORY §4), sites (§4–§5),
     mlp_share (§5). The sites and shift kinds are the keys of r["site_recovery"]."""
     sites, kinds = list(r["site_recovery"]), list(next(iter(r["site_recovery"].values())))
+    model = NAMES.get(r["model"], r["model"])
     with plt.rc_context(SLIDE):
         figures = {name: plt.subplots(figsize=(7.5, 4.5)) for name in ("first_order", "sites", "mlp_share")}
         ax, bx, cx = (axes for _, axes in figures.values())
@@ -36,18 +38,18 @@ def equivalence_figures(r, eps, rank):
             ax.loglog(eps, f["control_errors"], "s--",
                       label=f"{kind}, no ΔW_proj·m: slope {f['control_slope']:.2f}")
         ax.set(xlabel="update size ε", ylabel="max |z(θ+εΔ) − z(θ) − ε·pred.|",
-               title=f"THEORY §4: first-order error\n{r['model']}, a random update")
+               title=f"THEORY §4: first-order error\n{model}, a random update")
         ax.legend()
         for i, kind in enumerate(kinds):
             bx.bar(np.arange(len(sites)) + 0.27 * (i - 1),
                    [r["site_recovery"][s][kind] for s in sites], 0.27, label=kind)
         bx.set(xticks=range(len(sites)), xticklabels=sites, ylabel="share of δz recovered",
                ylim=(0, 1.25), title=f"THEORY §4–§5: where to steer (rank {rank})\n"
-                                     f"{r['model']}, a random update")
+                                     f"{model}, a random update")
         bx.legend(ncol=3, loc="upper center")
         cx.plot(r["mlp_share"], "o-", label=f"{r['tokens']} tokens")
         cx.set(xlabel="layer ℓ", ylabel="MLP share_ℓ = ‖y‖ / (‖y‖ + ‖a‖)", ylim=(0, 1),
-               title=f"THEORY §5: the MLP's share of a block's write\n{r['model']}")
+               title=f"THEORY §5: the MLP's share of a block's write\n{model}")
         cx.legend(loc="lower right")
     return {name: fig for name, (fig, _) in figures.items()}
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                   # run as a script: the core is one folder up
     sys.path.insert(0, str(ROOT))
 from experiments.stats import accuracy_interval, paired_interval, table_config, verdict  # noqa: E402
+from machinery.checks import OneLineParser  # noqa: E402
 from machinery.figures import SLIDE  # noqa: E402
 from machinery.files import write_files, write_text  # noqa: E402
 
@@ -113,6 +114,7 @@ def main():
 
 if __name__ == "__main__":
     try:
+        OneLineParser(description="The learning curve: results/smollm2/curve.md, docs/curve.png.").parse_args()
         main()
     except ValueError as e:
         print(f"experiments/curve.py: error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ import nanosteer as ns  # noqa: E402
 import tasks  # noqa: E402
 from model import GPT  # noqa: E402
 
+from machinery.checks import OneLineParser  # noqa: E402
 from train import BASE_CHECKPOINT as BASE  # noqa: E402
 
 
@@ -91,4 +92,5 @@ def main():
 
 
 if __name__ == "__main__":
+    OneLineParser(description="THEORY's real fine-tune, measured site by site (prints to stdout).").parse_args()
     main()

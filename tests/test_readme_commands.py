@@ -50,6 +50,7 @@ def help_text(script):
     if script not in HELP:
         proc = subprocess.run([sys.executable, script, "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"python {script} -h failed: {proc.stderr[-500:]}"
+        assert proc.stdout.startswith("usage:"), f"python {script} -h ran instead of printing its usage"
         HELP[script] = proc.stdout
     return HELP[script]
 

@@ -1,6 +1,6 @@
 """
 formats/tensor_files.py: the files of other people's checkpoints, read without running any code in them. The
-safetensors format by hand (a dozen lines), its shards, pytorch_model.bin as plain tensors only,
+safetensors format by hand (a dozen lines each way), its shards, pytorch_model.bin as plain tensors only,
 GGUF through the gguf package (llama.cpp's reference reader), and JSON. formats/checkpoints.py maps what
 they hold onto our GPT; formats/bpe.py builds the tokenizer.
 """
@@ -47,6 +47,21 @@ def read_safetensors(path):
         flat = torch.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]) if end > start else torch.zeros(0)
         tensors[name] = flat.reshape(info["shape"]).float()
     return tensors
+
+
+def write_safetensors(tensors, path):
+    """{name: tensor} -> a safetensors file at path, every tensor as float32 (F32): the header
+    read_safetensors reads, padded with spaces to a multiple of 8 bytes as the reference writer does."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
 
 
 def read_weights(folder):

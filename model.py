@@ -129,12 +129,13 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rotary(x, theta):
+def rotary(x, theta, t0=0):
     """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: for each token
-    t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)."""
+    t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)
+    holds the tokens at positions t0 .. t0 + T − 1 (t0 > 0: new tokens after a KVCache's)."""
     T, hs = x.shape[-2], x.shape[-1]
     freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq         # (T, hs/2)
+    angle = torch.arange(t0, t0 + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -158,6 +159,27 @@ class Slot(nn.Module):
         return s
 
 
+class KVCache:
+    """One attention layer's keys and values of the tokens seen so far, for generation: a new token
+    then needs only its own q, k, v, not the whole window again. Buffers (B, nkv, block_size, hs),
+    made on first use in k's dtype and device, are filled in place up to `length` (no cat)."""
+
+    def __init__(self, block_size):
+        self.size, self.length, self.k, self.v = block_size, 0, None, None  # length: next position
+
+    def add(self, k, v):
+        """k, v (B, nkv, T, hs) of the new tokens -> the keys and values of all tokens so far."""
+        t, T = self.length, k.shape[2]
+        if t and T > 1:   # the attention's mask is for a prompt into an empty cache or one token
+            raise ValueError("a KVCache takes the prompt first, then one token at a time")
+        if self.k is None:
+            self.k = k.new_empty(k.shape[0], k.shape[1], self.size, k.shape[3])
+            self.v = torch.empty_like(self.k)
+        self.k[:, :, t:t + T], self.v[:, :, t:t + T] = k, v
+        self.length = t + T
+        return self.k[:, :, :t + T], self.v[:, :, :t + T]                 # (B, nkv, t + T, hs)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -171,17 +193,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x (B, T, C); with a KVCache, x holds the new tokens only, at positions cache.length on."""
         B, T, C = x.shape
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)                   # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if self.rope_theta is not None:
-            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
+            t0 = 0 if cache is None else cache.length                  # the absolute position of x[:, 0]
+            q, k = rotary(q, self.rope_theta, t0), rotary(k, self.rope_theta, t0)
+        if cache is not None:
+            k, v = cache.add(k, v)                                      # (B, nkv, T_k, hs), T_k ≥ T
         p = self.dropout if self.training else 0.0
-        # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+        # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head).
+        # T_k = T: the causal mask. One new query (T = 1 < T_k) may see every key: no mask (SDPA's
+        # is_causal aligns its mask top-left, so with T_k > 1 it would hide all keys but the first)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T == k.shape[2],
                                            enable_gqa=self.n_kv_head != self.n_head)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -233,9 +261,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.slots = nn.ModuleDict({site: Slot() for site in SITES})
 
-    def forward(self, x):
-        # THEORY §1, one line per site; an empty slot passes its input through.
-        a = self.slots["attn_out"](self.attn(self.ln_1(x)))            # (B, T, C)
+    def forward(self, x, cache=None):
+        # THEORY §1, one line per site; an empty slot passes its input through. Each slot acts on
+        # each position alone, so with a KVCache (new tokens only) the rest is as without one.
+        a = self.slots["attn_out"](self.attn(self.ln_1(x), cache))     # (B, T, C)
         p = self.slots["resid_mid"](x + a)                              # (B, T, C)
         h = self.slots["mlp_in"](self.ln_2(p))                          # (B, T, C)
         m = self.slots["mlp_hidden"](self.mlp.hidden(h))                # (B, T, d_mlp)
@@ -287,11 +316,12 @@ class GPT(nn.Module):
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
 
-    def embed(self, idx):
-        """Token (plus, for GPT-2, position) embeddings: the residual stream entering block 0."""
+    def embed(self, idx, t0=0):
+        """Token (plus, for GPT-2, position) embeddings: the residual stream entering block 0.
+        idx (B, T) holds the tokens at positions t0 .. t0 + T − 1."""
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(t0, t0 + idx.shape[1], device=idx.device))
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None):
@@ -309,32 +339,45 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return logits, loss / keep.sum().clamp(min=1)
 
-    def features(self, idx):
-        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads."""
+    def features(self, idx, caches=None):
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads. caches: one KVCache
+        per block (generate's); idx then holds the tokens after those the caches hold."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        t0 = 0 if caches is None else caches[0].length
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {t0 + T} tokens is longer than block_size {self.config.block_size}")
         if ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), "
                              f"got {idx.min().item()}..{idx.max().item()}")
-        x = self.embed(idx)                                              # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        x = self.embed(idx, t0)                                          # (B, T, C)
+        for block, cache in zip(self.transformer.h, caches or [None] * len(self.transformer.h)):
+            x = block(x, cache)
         return self.transformer.ln_f(x)
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
-        """Continue idx (B, T) by at most max_new_tokens tokens. Whatever sits in the slots acts at
-        every position, prompt and generated tokens alike. temperature 0 means greedy. stop: token
-        ids that end a row (the model's end of turn); a row that has ended repeats its stop token,
-        and generation ends when every row has. Past block_size tokens the window slides: the
-        model sees only the last block_size of them."""
+        """idx (B, T) followed by the tokens of self.stream(...): (B, T + the new tokens)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, stop)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
+        """Continue idx (B, T) by at most max_new_tokens tokens, yielding each (B, 1) as it comes.
+        Whatever sits in the slots acts at every position, prompt and generated tokens alike.
+        temperature 0 means greedy. stop: token ids that end a row (the model's end of turn); a row
+        that has ended repeats its stop token, and generation ends when every row has. A KVCache
+        per block keeps the keys and values: the prompt runs once, then each step only its new
+        token. Past block_size tokens the window slides: the model sees only the last block_size,
+        from position 0, so every kept token moves and nothing cached stays valid: each step past
+        the edge refills the caches from the whole window, as costly as a step without a cache."""
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
         stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        caches = None
         for _ in range(max_new_tokens):
-            x = self.features(idx[:, -self.config.block_size:])[:, -1]     # (B, C): the last position
+            if caches is None or idx.shape[1] > self.config.block_size:  # the start; the window slid
+                caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
+            new = idx[:, caches[0].length:][:, -self.config.block_size:]  # (B, T'): not yet cached
+            x = self.features(new, caches)[:, -1]                          # (B, C): the last position
             logits = self.lm_head(x)                                      # only it predicts (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)             # greedy
@@ -347,9 +390,9 @@ class GPT(nn.Module):
             next_id = torch.where(ended[:, None], idx[:, -1:], next_id)   # an ended row repeats its stop
             idx = torch.cat([idx, next_id], dim=1)
             ended |= torch.isin(next_id[:, 0], stop)
+            yield next_id
             if len(stop) and ended.all():
                 break
-        return idx
 
     # ----------------------------------------------------------------------------------------
     # saving and loading our own checkpoints (other formats: checkpoints.py)

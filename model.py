@@ -7,6 +7,7 @@ RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases.
 "sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours; other people's checkpoint
 formats live in checkpoints.py.
 """
+import functools
 import math
 import numbers
 import os
@@ -129,14 +130,21 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+@functools.lru_cache(maxsize=8)   # every layer's q and k ask for the same angles: computed once
+def rotary_angles(t0, T, hs, theta, device):
+    """cos and sin of t·θ^(−2i/hs) for t = t0 .. t0 + T − 1: (T, hs/2) each, in float32."""
+    with torch.inference_mode(False):   # kept: an inference tensor could not serve a later backward
+        freq = theta ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
+        angle = torch.arange(t0, t0 + T, device=device, dtype=torch.float32)[:, None] * freq
+        return angle.cos(), angle.sin()
+
+
 def rotary(x, theta, t0=0):
     """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: for each token
     t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)
     holds the tokens at positions t0 .. t0 + T − 1 (t0 > 0: new tokens after a KVCache's)."""
     T, hs = x.shape[-2], x.shape[-1]
-    freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
-    angle = torch.arange(t0, t0 + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    cos, sin = (c.to(x.dtype) for c in rotary_angles(t0, T, hs, theta, x.device))
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -160,24 +168,24 @@ class Slot(nn.Module):
 
 
 class KVCache:
-    """One attention layer's keys and values of the tokens seen so far, for generation: a new token
-    then needs only its own q, k, v, not the whole window again. Buffers (B, nkv, block_size, hs),
-    made on first use in k's dtype and device, are filled in place up to `length` (no cat)."""
+    """One attention layer's keys and values of the tokens so far, for generation: a new token then
+    needs only its own q, k, v. Buffers (B, nkv, block_size, hs), made at the first add in k's dtype
+    and device, filled in place (no cat) up to `length`, the next token's position."""
 
     def __init__(self, block_size):
-        self.size, self.length, self.k, self.v = block_size, 0, None, None  # length: next position
+        self.size, self.length, self.k, self.v = block_size, 0, None, None
 
     def add(self, k, v):
-        """k, v (B, nkv, T, hs) of the new tokens -> the keys and values of all tokens so far."""
+        """k, v (B, nkv, T, hs) of the new tokens -> all tokens' so far, (B, nkv, t + T, hs)."""
         t, T = self.length, k.shape[2]
-        if t and T > 1:   # the attention's mask is for a prompt into an empty cache or one token
+        if t and T > 1:   # the attention's mask serves a prompt into an empty cache, or one token
             raise ValueError("a KVCache takes the prompt first, then one token at a time")
         if self.k is None:
             self.k = k.new_empty(k.shape[0], k.shape[1], self.size, k.shape[3])
             self.v = torch.empty_like(self.k)
         self.k[:, :, t:t + T], self.v[:, :, t:t + T] = k, v
         self.length = t + T
-        return self.k[:, :, :t + T], self.v[:, :, :t + T]                 # (B, nkv, t + T, hs)
+        return self.k[:, :, :t + T], self.v[:, :, :t + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -194,21 +202,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None):
-        """x (B, T, C); with a KVCache, x holds the new tokens only, at positions cache.length on."""
         B, T, C = x.shape
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)                   # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        t0 = 0 if cache is None else cache.length       # with a KVCache, x holds the new tokens
         if self.rope_theta is not None:
-            t0 = 0 if cache is None else cache.length                  # the absolute position of x[:, 0]
             q, k = rotary(q, self.rope_theta, t0), rotary(k, self.rope_theta, t0)
         if cache is not None:
-            k, v = cache.add(k, v)                                      # (B, nkv, T_k, hs), T_k ≥ T
+            k, v = cache.add(k, v)                      # (B, nkv, T_k, hs): T_k = t0 + T tokens
         p = self.dropout if self.training else 0.0
-        # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head).
-        # T_k = T: the causal mask. One new query (T = 1 < T_k) may see every key: no mask (SDPA's
-        # is_causal aligns its mask top-left, so with T_k > 1 it would hide all keys but the first)
+        # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head)
+        # T = T_k: causal. One new query sees every key: no mask (is_causal is top-left: key 0 only)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T == k.shape[2],
                                            enable_gqa=self.n_kv_head != self.n_head)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -262,8 +268,7 @@ class Block(nn.Module):
         self.slots = nn.ModuleDict({site: Slot() for site in SITES})
 
     def forward(self, x, cache=None):
-        # THEORY §1, one line per site; an empty slot passes its input through. Each slot acts on
-        # each position alone, so with a KVCache (new tokens only) the rest is as without one.
+        # THEORY §1, one line per site; an empty slot passes its input through.
         a = self.slots["attn_out"](self.attn(self.ln_1(x), cache))     # (B, T, C)
         p = self.slots["resid_mid"](x + a)                              # (B, T, C)
         h = self.slots["mlp_in"](self.ln_2(p))                          # (B, T, C)
@@ -317,8 +322,7 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
 
     def embed(self, idx, t0=0):
-        """Token (plus, for GPT-2, position) embeddings: the residual stream entering block 0.
-        idx (B, T) holds the tokens at positions t0 .. t0 + T − 1."""
+        """Token (plus, for GPT-2, position) embeddings of idx (B, T) at positions t0 .. t0+T−1."""
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(t0, t0 + idx.shape[1], device=idx.device))
@@ -340,8 +344,8 @@ class GPT(nn.Module):
         return logits, loss / keep.sum().clamp(min=1)
 
     def features(self, idx, caches=None):
-        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads. caches: one KVCache
-        per block (generate's); idx then holds the tokens after those the caches hold."""
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads. With caches (one
+        KVCache per block, as in stream) idx holds the tokens after those they hold."""
         B, T = idx.shape
         t0 = 0 if caches is None else caches[0].length
         if t0 + T > self.config.block_size:
@@ -361,23 +365,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
         """Continue idx (B, T) by at most max_new_tokens tokens, yielding each (B, 1) as it comes.
-        Whatever sits in the slots acts at every position, prompt and generated tokens alike.
         temperature 0 means greedy. stop: token ids that end a row (the model's end of turn); a row
         that has ended repeats its stop token, and generation ends when every row has. A KVCache
-        per block keeps the keys and values: the prompt runs once, then each step only its new
-        token. Past block_size tokens the window slides: the model sees only the last block_size,
-        from position 0, so every kept token moves and nothing cached stays valid: each step past
-        the edge refills the caches from the whole window, as costly as a step without a cache."""
+        per block: the prompt runs once, then each step its new token only. Whatever sits in the
+        slots acts at every position, each alone, so the cache holds what a full forward computes.
+        Past block_size the window slides: the model sees the last block_size tokens from position
+        0, every kept token moves, so each step past the edge refills the caches from the window."""
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
         stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        caches = None
-        for _ in range(max_new_tokens):
-            if caches is None or idx.shape[1] > self.config.block_size:  # the start; the window slid
+        for step in range(max_new_tokens):
+            if step == 0 or idx.shape[1] > self.config.block_size:        # start, or past the edge
                 caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
-            new = idx[:, caches[0].length:][:, -self.config.block_size:]  # (B, T'): not yet cached
-            x = self.features(new, caches)[:, -1]                          # (B, C): the last position
+            new = idx[:, caches[0].length:][:, -self.config.block_size:]  # (B, T'): not cached yet
+            x = self.features(new, caches)[:, -1]                        # (B, C): the last position
             logits = self.lm_head(x)                                      # only it predicts (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)             # greedy

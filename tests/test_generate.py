@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nanosteer
-from model import SITES, KVCache
+from model import SITES, KVCache, rotary_angles
 from test_checkpoints import needs_smollm2
 from test_model import llama_tiny, random_model, tiny_config, tokens
 
@@ -143,6 +143,19 @@ def test_a_cache_refuses_several_tokens_after_the_first_call():
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="longer than block_size 16"):
         model.features(tokens(model.config, B=1, T=13), caches)         # 4 cached + 13 > 16
+
+
+def test_rotary_angles_kept_from_an_inference_mode_forward_still_train():
+    """rotary_angles keeps its tensors for the next forward (every layer asks for the same ones);
+    made in torch.inference_mode they could not be saved for a later backward."""
+    model = random_model(llama_tiny())
+    idx = tokens(model.config)
+    rotary_angles.cache_clear()
+    with torch.inference_mode():
+        model(idx)
+    model.train()
+    model(idx, idx)[1].backward()
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
 
 
 @needs_smollm2

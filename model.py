@@ -140,9 +140,8 @@ def rotary_angles(t0, T, hs, theta, device):
 
 
 def rotary(x, theta, t0=0):
-    """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: for each token
-    t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)
-    holds the tokens at positions t0 .. t0 + T − 1 (t0 > 0: new tokens after a KVCache's)."""
+    """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: at positions
+    t = t0 .. t0+T−1 of x (B, nh, T, hs), a head's pair (x_i, x_{i+hs/2}) turns by t·θ^(−2i/hs)."""
     T, hs = x.shape[-2], x.shape[-1]
     cos, sin = (c.to(x.dtype) for c in rotary_angles(t0, T, hs, theta, x.device))
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
@@ -168,15 +167,13 @@ class Slot(nn.Module):
 
 
 class KVCache:
-    """One attention layer's keys and values of the tokens so far, for generation: a new token then
-    needs only its own q, k, v. Buffers (B, nkv, block_size, hs), made at the first add in k's dtype
-    and device, filled in place (no cat) up to `length`, the next token's position."""
+    """An attention layer's keys and values so far, so that a new token needs only its own q, k, v:
+    (B, nkv, size, hs) buffers, made in k's dtype at the first add, filled in place to `length`."""
 
-    def __init__(self, block_size):
-        self.size, self.length, self.k, self.v = block_size, 0, None, None
+    def __init__(self, size):
+        self.size, self.length, self.k, self.v = size, 0, None, None
 
-    def add(self, k, v):
-        """k, v (B, nkv, T, hs) of the new tokens -> all tokens' so far, (B, nkv, t + T, hs)."""
+    def add(self, k, v):                                    # k, v (B, nkv, T, hs): the new tokens'
         t, T = self.length, k.shape[2]
         if t and T > 1:   # the attention's mask serves a prompt into an empty cache, or one token
             raise ValueError("a KVCache takes the prompt first, then one token at a time")
@@ -185,7 +182,7 @@ class KVCache:
             self.v = torch.empty_like(self.k)
         self.k[:, :, t:t + T], self.v[:, :, t:t + T] = k, v
         self.length = t + T
-        return self.k[:, :, :t + T], self.v[:, :, :t + T]
+        return self.k[:, :, :t + T], self.v[:, :, :t + T]          # (B, nkv, t + T, hs): all so far
 
 
 class CausalSelfAttention(nn.Module):
@@ -344,8 +341,7 @@ class GPT(nn.Module):
         return logits, loss / keep.sum().clamp(min=1)
 
     def features(self, idx, caches=None):
-        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads. With caches (one
-        KVCache per block, as in stream) idx holds the tokens after those they hold."""
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads (caches: stream's)."""
         B, T = idx.shape
         t0 = 0 if caches is None else caches[0].length
         if t0 + T > self.config.block_size:
@@ -375,9 +371,10 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
         stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        size = min(idx.shape[1] + max_new_tokens, self.config.block_size)  # the most a cache holds
         for step in range(max_new_tokens):
             if step == 0 or idx.shape[1] > self.config.block_size:        # start, or past the edge
-                caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
+                caches = [KVCache(size) for _ in self.transformer.h]
             new = idx[:, caches[0].length:][:, -self.config.block_size:]  # (B, T'): not cached yet
             x = self.features(new, caches)[:, -1]                        # (B, C): the last position
             logits = self.lm_head(x)                                      # only it predicts (B, vocab)

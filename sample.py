@@ -147,8 +147,7 @@ def main(argv=None):
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     if len(texts) > 1:
-        for i, text in enumerate(texts):
-            print(("\n---\n" if i else "") + ("" if args.chat else args.prompt) + text)
+        print("\n\n---\n".join(("" if args.chat else args.prompt) + text for text in texts))
     return texts
 
 

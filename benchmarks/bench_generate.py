@@ -54,9 +54,9 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def timed_medians(runs, repeats):
+def timed(runs, repeats):
     """runs {name: fn}: call each once (warmup), then `repeats` times in alternating order; return
-    {name: (median seconds, the last output)}."""
+    {name: (its times in seconds, its last output)}."""
     outputs = {name: fn() for name, fn in runs.items()}
     times = {name: [] for name in runs}
     for r in range(repeats):
@@ -64,7 +64,7 @@ def timed_medians(runs, repeats):
             t0 = time.perf_counter()
             outputs[name] = runs[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outputs[name]) for name in runs}
+    return {name: (times[name], outputs[name]) for name in runs}
 
 
 def main():
@@ -87,12 +87,13 @@ def main():
     runs = {"ours": functools.partial(ours.generate, idx, n, temperature=0),
             "theirs": functools.partial(theirs.generate, idx, max_new_tokens=n, do_sample=False),
             "steered": functools.partial(steered.generate, idx, n, temperature=0)}
-    result = timed_medians(runs, args.repeats)
-    (t_ours, out_ours), (t_theirs, out_theirs), (t_steered, out_steered) = result.values()
-    assert torch.equal(out_ours, out_theirs), "ours and transformers generated different tokens"
-    assert out_steered.shape == out_ours.shape and not torch.equal(out_steered, out_ours)
-    rows = [(f"greedy {n} tokens: ours / transformers", t_ours, t_theirs, 1.0),
-            ("with a post-block steer / ours without", t_steered, t_ours, 1.1)]
+    result = timed(runs, args.repeats)
+    seconds = {name: statistics.median(times) for name, (times, _) in result.items()}
+    out = {name: output for name, (_, output) in result.items()}
+    assert torch.equal(out["ours"], out["theirs"]), "ours and transformers generated different tokens"
+    assert out["steered"].shape == out["ours"].shape and not torch.equal(out["steered"], out["ours"])
+    rows = [(f"greedy {n} tokens: ours / transformers", seconds["ours"], seconds["theirs"], 1.0),
+            ("with a post-block steer / ours without", seconds["steered"], seconds["ours"], 1.1)]
     lines = [f"SmolLM2-135M-Instruct float32, {idx.shape[1]}-token prompt, {n} new tokens, greedy, "
              f"{args.threads} threads, median of {args.repeats} interleaved runs",
              f"{cpu_name()}; torch {torch.__version__}; ours and transformers gave the same tokens (asserted)",
@@ -100,6 +101,8 @@ def main():
     for what, a, b, target in rows:
         ok = "ok" if a / b <= target else "NO"
         lines.append(f"{what:<42} | {a:7.2f} | {b:8.2f} | {a / b:5.2f} | {target:6.2f} | {ok}")
+    for name, (times, _) in result.items():             # the spread shows a disturbed machine
+        lines.append(f"{name:<7} runs (s): " + " ".join(f"{t:.2f}" for t in times))
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.write:

@@ -7,6 +7,7 @@ RMSNorm, rotary positions, grouped-query attention, a gated SiLU MLP, no biases.
 "sites" of Adila et al., 2026 (THEORY.md §1). Imports nothing of ours; other people's checkpoint
 formats live in formats/checkpoints.py.
 """
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -65,13 +66,20 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rotary(x, theta):
-    """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: for each token
-    t, the pair (x_i, x_{i+hs/2}) of a head is rotated by the angle t·θ^(−2i/hs). x (B, nh, T, hs)."""
+@functools.lru_cache(maxsize=8)   # every layer's q and k ask for the same angles: computed once
+def rotary_angles(t0, T, hs, theta, device):
+    """cos and sin of t·θ^(−2i/hs) for t = t0 .. t0 + T − 1: (T, hs/2) each, in float32."""
+    with torch.inference_mode(False):   # kept: an inference tensor could not serve a later backward
+        freq = theta ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
+        angle = torch.arange(t0, t0 + T, device=device, dtype=torch.float32)[:, None] * freq
+        return angle.cos(), angle.sin()
+
+
+def rotary(x, theta, t0=0):
+    """Rotary position embedding (Su et al., 2021) in the Hugging Face Llama layout: at positions
+    t = t0 .. t0+T−1 of x (B, nh, T, hs), a head's pair (x_i, x_{i+hs/2}) turns by t·θ^(−2i/hs)."""
     T, hs = x.shape[-2], x.shape[-1]
-    freq = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq         # (T, hs/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    cos, sin = (c.to(x.dtype) for c in rotary_angles(t0, T, hs, theta, x.device))
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -94,6 +102,25 @@ class Slot(nn.Module):
         return s
 
 
+class KVCache:
+    """An attention layer's keys and values so far, so that a new token needs only its own q, k, v:
+    (B, nkv, size, hs) buffers, made in k's dtype at the first add, filled in place to `length`."""
+
+    def __init__(self, size):
+        self.size, self.length, self.k, self.v = size, 0, None, None
+
+    def add(self, k, v):                                    # k, v (B, nkv, T, hs): the new tokens'
+        t, T = self.length, k.shape[2]
+        if t and T > 1:   # the attention's mask serves a prompt into an empty cache, or one token
+            raise ValueError("a KVCache takes the prompt first, then one token at a time")
+        if self.k is None:
+            self.k = k.new_empty(k.shape[0], k.shape[1], self.size, k.shape[3])
+            self.v = torch.empty_like(self.k)
+        self.k[:, :, t:t + T], self.v[:, :, t:t + T] = k, v
+        self.length = t + T
+        return self.k[:, :, :t + T], self.v[:, :, :t + T]          # (B, nkv, t + T, hs): all so far
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -107,17 +134,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)                   # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        t0 = 0 if cache is None else cache.length       # with a KVCache, x holds the new tokens
         if self.rope_theta is not None:
-            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
+            q, k = rotary(q, self.rope_theta, t0), rotary(k, self.rope_theta, t0)
+        if cache is not None:
+            k, v = cache.add(k, v)                      # (B, nkv, T_k, hs): T_k = t0 + T tokens
         p = self.dropout if self.training else 0.0
         # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+        # T = T_k: causal. One new query sees every key: no mask (is_causal is top-left: key 0 only)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T == k.shape[2],
                                            enable_gqa=self.n_kv_head != self.n_head)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -169,9 +200,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.slots = nn.ModuleDict({site: Slot() for site in SITES})
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         # THEORY §1, one line per site; an empty slot passes its input through.
-        a = self.slots["attn_out"](self.attn(self.ln_1(x)))            # (B, T, C)
+        a = self.slots["attn_out"](self.attn(self.ln_1(x), cache))     # (B, T, C)
         p = self.slots["resid_mid"](x + a)                              # (B, T, C)
         h = self.slots["mlp_in"](self.ln_2(p))                          # (B, T, C)
         m = self.slots["mlp_hidden"](self.mlp.hidden(h))                # (B, T, d_mlp)
@@ -223,11 +254,11 @@ class GPT(nn.Module):
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
 
-    def embed(self, idx):
-        """Token (plus, for GPT-2, position) embeddings: the residual stream entering block 0."""
+    def embed(self, idx, t0=0):
+        """Token (plus, for GPT-2, position) embeddings of idx (B, T) at positions t0 .. t0+T−1."""
         x = self.transformer.wte(idx)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(t0, t0 + idx.shape[1], device=idx.device))
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None):
@@ -245,32 +276,43 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return logits, loss / keep.sum().clamp(min=1)
 
-    def features(self, idx):
-        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads."""
+    def features(self, idx, caches=None):
+        """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads (caches: stream's)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        t0 = 0 if caches is None else caches[0].length
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {t0 + T} tokens is longer than block_size {self.config.block_size}")
         if ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), "
                              f"got {idx.min().item()}..{idx.max().item()}")
-        x = self.embed(idx)                                              # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        x = self.embed(idx, t0)                                          # (B, T, C)
+        for block, cache in zip(self.transformer.h, caches or [None] * len(self.transformer.h)):
+            x = block(x, cache)
         return self.transformer.ln_f(x)
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
-        """Continue idx (B, T) by at most max_new_tokens tokens. Whatever sits in the slots acts at
-        every position, prompt and generated tokens alike. temperature 0 means greedy. stop: token
-        ids that end a row (the model's end of turn); a row that has ended repeats its stop token,
-        and generation ends when every row has. Past block_size tokens the window slides: the
-        model sees only the last block_size of them."""
+        """idx (B, T) followed by the tokens of self.stream(...): (B, T + the new tokens)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, stop)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=()):
+        """Continue idx (B, T) by at most max_new_tokens tokens, yielding each (B, 1) as it comes.
+        temperature 0 means greedy. stop: token ids that end a row (the model's end of turn); a row
+        that has ended repeats its stop token, and generation ends when every row has. A KVCache
+        per block: the prompt runs once, then each step its new token only. Whatever sits in the
+        slots acts at every position, each alone, so the cache holds what a full forward computes.
+        Past block_size the window slides: the model sees the last block_size tokens from position
+        0, every kept token moves, so each step past the edge refills the caches from the window."""
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
         stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            x = self.features(idx[:, -self.config.block_size:])[:, -1]     # (B, C): the last position
+        size = min(idx.shape[1] + max_new_tokens, self.config.block_size)  # the most a cache holds
+        for step in range(max_new_tokens):
+            if step == 0 or idx.shape[1] > self.config.block_size:        # start, or past the edge
+                caches = [KVCache(size) for _ in self.transformer.h]
+            new = idx[:, caches[0].length:][:, -self.config.block_size:]  # (B, T'): not cached yet
+            x = self.features(new, caches)[:, -1]                        # (B, C): the last position
             logits = self.lm_head(x)                                      # only it predicts (B, vocab)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)             # greedy
@@ -283,9 +325,9 @@ class GPT(nn.Module):
             next_id = torch.where(ended[:, None], idx[:, -1:], next_id)   # an ended row repeats its stop
             idx = torch.cat([idx, next_id], dim=1)
             ended |= torch.isin(next_id[:, 0], stop)
+            yield next_id
             if len(stop) and ended.all():
                 break
-        return idx
 
     # ----------------------------------------------------------------------------------------
     # saving and loading our own checkpoints (other formats: formats/checkpoints.py)

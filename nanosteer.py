@@ -257,7 +257,7 @@ def fold(model):
 @contextmanager
 def capture(model, sites=SITES):
     """Record sites inside the `with`: acts[site][layer] = the (B, T, n) activation that the site
-    passed on in the LAST forward (each forward overwrites the one before; run one per `with`)."""
+    passed on in the LAST forward (run one per `with`; a step with KVCaches: its new tokens)."""
     slots = {site: [block.slots[site] for block in model.transformer.h]
              for site in map(resolve_site, sites)}
     acts = {}

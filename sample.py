@@ -13,10 +13,12 @@ at the model's own end of text or end of turn (<|endoftext|>, and e.g. <|im_end|
 0 is greedy decoding; otherwise a token is drawn from softmax(logits / temperature), among the
 --top-k most likely ones only when given. Prompt and continuation must fit the model's context.
 """
+import codecs
 import math
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -36,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; below 1 sharper, above 1 flatter")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--num-samples", type=int, default=1, help="continuations of the same prompt")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations of the same prompt "
+                   "(one is printed as it comes, several once all are done)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same device: same text")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
     args = p.parse_args(argv)
@@ -101,8 +104,9 @@ def check_fits(args, model, n_prompt, device):
 
 
 @torch.no_grad()
-def sample(args):
-    """The continuations (text after the prompt, up to the model's end of text or turn), one per sample."""
+def sample(args, out=None):
+    """The continuations (text after the prompt, up to the model's end of text or turn), one per
+    sample; the speed to stderr. out: a file that a single sample is written to as it comes."""
     device = runtime.pick_device(args.device)
     model, enc = checkpoints.load(args.init)
     if args.adapters is not None:
@@ -117,9 +121,20 @@ def sample(args):
     model.to(device).eval()
     idx = torch.tensor([prompt] * args.num_samples, device=device)           # (num_samples, T)
     torch.manual_seed(args.seed)                                             # what multinomial draws
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, stop)[:, len(prompt):]
+    if out is not None:
+        out.write("" if args.chat else args.prompt)
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace")   # holds a character's first bytes back
+    steps, start = [], time.perf_counter()
+    for next_id in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, stop):
+        steps.append(next_id)                                                # (num_samples, 1)
+        if out is not None and next_id.item() not in stop:
+            print(utf8.decode(enc.decode_bytes(next_id[0].tolist())), end="", flush=True, file=out)
+    if out is not None:
+        print(utf8.decode(b"", final=True), flush=True, file=out)   # and the line's end
+    n, seconds = len(steps) * args.num_samples, time.perf_counter() - start  # the prompt's pass too
+    print(f"sample.py: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s", file=sys.stderr)
     texts = []
-    for row in out.tolist():
+    for row in torch.cat([idx, *steps], dim=1)[:, len(prompt):].tolist():
         ends = [i for i, token in enumerate(row) if token in stop]
         texts.append(enc.decode(row[:ends[0]] if ends else row))
     return texts
@@ -128,12 +143,12 @@ def sample(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        texts = sample(args)
+        texts = sample(args, sys.stdout if args.num_samples == 1 else None)  # printed as it comes
     except ValueError as e:  # every user error is raised as a ValueError with a one-line message
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    for i, text in enumerate(texts):
-        print(("\n---\n" if i else "") + ("" if args.chat else args.prompt) + text)
+    if len(texts) > 1:
+        print("\n\n---\n".join(("" if args.chat else args.prompt) + text for text in texts))
     return texts
 
 

@@ -2,10 +2,13 @@
 Sampling: GPT.generate with temperature and top-k draws from the distribution it claims (counted
 over many draws with a fixed seed: top-k samples exactly the k most likely tokens, all of them;
 the frequencies follow softmax(logits / T)), and sample.py continues a prompt greedily as the
-model does, with the adapters of a file in place, and fails on bad input with a one-line error.
+model does, with the adapters of a file in place, prints a single sample as it comes (whole
+characters only) and its speed, and fails on bad input with a one-line error.
 
 Run:  python -m pytest tests/test_sample.py -q
 """
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,6 +131,38 @@ def test_sample_py_prints_prompt_and_continuation(tiny_base, adapter_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (expected,) = sample.sample(sample.parse_args([str(a) for a in argv]))
     assert proc.stdout == "[MAX 1 2]=" + expected + "\n"
+    assert proc.stderr.startswith("sample.py: 6 tokens in ") and proc.stderr.endswith(" tokens/s\n")
+
+
+class Recorder(io.StringIO):
+    """A file that keeps each piece written to it."""
+    def __init__(self):
+        super().__init__()
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("text, cut, whole", [("é→ok 🙂", 0, ["é", "→", "🙂"]), ("a🙂", 2, ["a"])])
+def test_a_single_sample_streams_whole_characters_only(tiny_base, monkeypatch, capsys, text, cut, whole):
+    """The byte tokenizer's tokens are single bytes, so 'é' comes as 2 tokens, '🙂' as 4: each is
+    printed once complete; a character cut off by the last token ends as U+FFFD, as decode gives."""
+    ids = list(text.encode())[:len(text.encode()) - cut]
+
+    def stream(model, idx, *args):
+        for token in ids:
+            yield torch.tensor([[token]])
+    monkeypatch.setattr(GPT, "stream", stream)
+    out = Recorder()
+    argv = ["--init", str(tiny_base), "--prompt", "ab", "--temperature", "0", "--device", "cpu"]
+    (returned,) = sample.sample(sample.parse_args(argv), out)
+    assert returned == byte_encoding().decode(ids) and out.getvalue() == "ab" + returned + "\n"
+    pieces = [piece for piece in out.pieces if piece]             # print writes text and end apart
+    assert "\ufffd" not in "".join(pieces[:-2])                   # no half character before the end
+    assert all(character in pieces for character in whole)        # each printed in one piece
+    assert f"sample.py: {len(ids)} tokens in " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -305,6 +305,8 @@ class GPT(nn.Module):
         0, every kept token moves, so each step past the edge refills the caches from the window."""
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature}")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be a whole number ≥ 1 (or None: every token), got {top_k!r}")
         stop = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         size = min(idx.shape[1] + max_new_tokens, self.config.block_size)  # the most a cache holds

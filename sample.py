@@ -16,16 +16,14 @@ at the model's own end of text or end of turn (<|endoftext|>, and e.g. <|im_end|
 import codecs
 import math
 import os
-import re
 import sys
 import time
 
 import torch
 
-from formats import adapters
-from formats import checkpoints
+from formats import adapters, chat, checkpoints
 from machinery import runtime
-from machinery.checks import OneLineParser
+from machinery.checks import OneLineParser, check_generation
 from train import BASE_CHECKPOINT
 
 
@@ -58,51 +56,6 @@ def parse_args(argv=None):
     return args
 
 
-def chat_prompt(enc, prompt, source):
-    """The user's turn in ChatML, as the model's template renders one user message followed by the
-    assistant's start (add_generation_prompt). SmolLM2's template adds a default system turn when
-    the first message is not one; we take that text from the template itself. Its special tokens
-    are added as ids, so a prompt that spells '<|im_end|>' stays text."""
-    template = getattr(enc, "chat_template", None)
-    if template is None:
-        raise ValueError(f"--chat: {source} carries no chat template; leave out --chat")
-    if "<|im_start|>" not in template or "<|im_start|>" not in enc.special_tokens_set:
-        raise ValueError(f"--chat: {source}'s chat template is not ChatML (<|im_start|>...), which is "
-                         "the only one nanosteer renders; leave out --chat")
-    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
-
-    def turn(role, text):
-        return [start] + enc.encode_ordinary(f"{role}\n{text}") + [end] + enc.encode_ordinary("\n")
-
-    system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.DOTALL)
-    ids = turn("system", system.group(1)) if system else []
-    return ids + turn("user", prompt) + [start] + enc.encode_ordinary("assistant\n")
-
-
-def check_fits(args, model, n_prompt, device):
-    """The prompt and --max-new-tokens within the model's context, and an estimate of the memory
-    the --num-samples rows need (float32: per token the residual stream, q, k, v and the MLP's
-    hidden width, plus one layer's attention scores) against what the device has free."""
-    c = model.config
-    if n_prompt + args.max_new_tokens > c.block_size:
-        raise ValueError(f"the prompt ({n_prompt} tokens) and --max-new-tokens {args.max_new_tokens} exceed the "
-                         f"model's context of {c.block_size} tokens: use --max-new-tokens ≤ "
-                         f"{max(c.block_size - n_prompt, 0)}")
-    T = n_prompt + args.max_new_tokens
-    per_row = 4 * (T * (4 * c.n_embd + 3 * c.d_mlp + c.n_head * T) + c.vocab_size)      # bytes
-    if device == "cuda":
-        free = torch.cuda.mem_get_info()[0]
-    else:
-        try:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):   # a system that does not say: no bound
-            free = math.inf
-    if per_row * args.num_samples > free / 2:
-        raise ValueError(f"--num-samples {args.num_samples} needs about {per_row * args.num_samples / 1e9:.1f} GB "
-                         f"at this length, more than half the {free / 1e9:.1f} GB free: use at most "
-                         f"{max(int(free / 2 // per_row), 1)}")
-
-
 @torch.no_grad()
 def sample(args, out=None):
     """The continuations (text after the prompt, up to the model's end of text or turn), one per
@@ -113,11 +66,11 @@ def sample(args, out=None):
         adapters.load(model, args.adapters)        # into the slots and onto the weights it names
     stop = set(getattr(enc, "stop_tokens", [enc.eot_token]))
     if args.chat:
-        prompt = chat_prompt(enc, args.prompt, args.init)
+        prompt = chat.chat_prompt(enc, args.prompt, args.init)
         stop.add(enc.encode_single_token("<|im_end|>"))
     else:
         prompt = [enc.eot_token] + enc.encode_ordinary(args.prompt)
-    check_fits(args, model, len(prompt), device)
+    check_generation(model.config, len(prompt), args.max_new_tokens, args.num_samples, device)
     model.to(device).eval()
     idx = torch.tensor([prompt] * args.num_samples, device=device)           # (num_samples, T)
     torch.manual_seed(args.seed)                                             # what multinomial draws

@@ -32,7 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
-import checkpoints  # noqa: E402
+from formats import checkpoints  # noqa: E402
 import nanosteer  # noqa: E402
 from model import write_atomically  # noqa: E402
 

@@ -10,6 +10,8 @@ import numbers
 import os
 import tempfile
 
+import torch
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
@@ -96,3 +98,28 @@ def whole_number(value, low, high, message):
     if not whole or not low <= value <= high:
         raise ValueError(message)
     return int(value)
+
+
+def check_generation(c, n_prompt, max_new_tokens, num_samples, device):
+    """sample.py's run on a model of config c: the prompt and --max-new-tokens within the context,
+    and an estimate of the memory the --num-samples rows need (float32: per token the residual
+    stream, q, k, v and the MLP's hidden width, one layer's attention scores, and every layer's
+    cached keys and values) against what the device has free."""
+    if n_prompt + max_new_tokens > c.block_size:
+        raise ValueError(f"the prompt ({n_prompt} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+                         f"model's context of {c.block_size} tokens: use --max-new-tokens ≤ "
+                         f"{max(c.block_size - n_prompt, 0)}")
+    T = n_prompt + max_new_tokens
+    cache = 2 * c.n_layer * (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head)   # k, v a token
+    per_row = 4 * (T * (4 * c.n_embd + 3 * c.d_mlp + c.n_head * T + cache) + c.vocab_size)  # bytes
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):   # a system that does not say: no bound
+            free = math.inf
+    if per_row * num_samples > free / 2:
+        raise ValueError(f"--num-samples {num_samples} needs about {per_row * num_samples / 1e9:.1f} GB "
+                         f"at this length, more than half the {free / 1e9:.1f} GB free: use at most "
+                         f"{max(int(free / 2 // per_row), 1)}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nanosteer
-from model import SITES, KVCache, rotary_angles
+from model import GPT, GPTConfig, SITES, KVCache, rotary_angles
 from test_checkpoints import needs_smollm2
 from test_model import llama_tiny, random_model, tiny_config, tokens
 
@@ -165,7 +165,7 @@ def test_smollm2_with_a_post_block_steer_cached_is_uncached():
     """SmolLM2 in float32: the same tokens; logits within 1e-4, not 1e-5: its logits reach ~20,
     where a float32 ulp is 2e-6, and a one-row matmul rounds unlike a (T, C) block (the head on
     the last row alone vs on every row already differs by 2e-5, with or without a cache)."""
-    import checkpoints
+    from formats import checkpoints
     model, enc = checkpoints.load("smollm2-135m")
     prompt = torch.tensor([enc.encode("The capital of France is")])
     steer_free = model.generate(prompt, 8, temperature=0)
@@ -174,3 +174,11 @@ def test_smollm2_with_a_post_block_steer_cached_is_uncached():
         shift.U.data.normal_(std=0.5)
     out = assert_cached_is_uncached(model, prompt, 8, 1e-4)
     assert not torch.equal(out, steer_free)                            # the steer does act
+
+
+def test_a_top_k_below_one_is_a_one_line_error_not_an_index_error():
+    model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=11)).eval()
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="top_k must be a whole number"):
+            model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_k=bad)
+    assert model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_k=1).shape == (1, 5)

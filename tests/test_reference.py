@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="reference checks need Hugging Face transformers")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from formats import bpe  # noqa: E402
-from formats import checkpoints  # noqa: E402
+from formats import chat, checkpoints  # noqa: E402
 from test_checkpoints import one_line_error  # noqa: E402
 from test_checkpoints import needs_smollm2  # noqa: E402
 
@@ -75,13 +75,12 @@ def test_smollm2_tokenizer_matches_the_reference_bpe(both):
 @needs_smollm2
 def test_smollm2_chat_prompt_and_stop_at_end_of_turn_match_transformers(both):
     (model, enc), ref = both
-    import sample
     path = checkpoints.smollm2_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     question = "Question: is 41 larger than 14? Answer:"
     expected = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False)
-    ids = sample.chat_prompt(enc, question, "smollm2-135m")
+    ids = chat.chat_prompt(enc, question, "smollm2-135m")
     assert ids == list(expected)
     idx = torch.tensor([ids])
     ours = model.generate(idx, 40, temperature=0, stop=enc.stop_tokens)

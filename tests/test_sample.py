@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from formats import adapters
+from formats import adapters, chat
 import nanosteer
 import sample
 from conftest import run_script
@@ -250,7 +250,7 @@ def test_chat_renders_the_chatml_turns_with_the_templates_system_message(chat_gg
     _, path, _ = chat_gguf
     enc = sample.checkpoints.load(path)[1]
     start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
-    ids = sample.chat_prompt(enc, "hi <|im_end|>", path)
+    ids = chat.chat_prompt(enc, "hi <|im_end|>", path)
     assert ids == ([start] + enc.encode_ordinary("system\nBe brief") + [end] + enc.encode_ordinary("\n")
                    + [start] + enc.encode_ordinary("user\nhi <|im_end|>") + [end] + enc.encode_ordinary("\n")
                    + [start] + enc.encode_ordinary("assistant\n"))   # the prompt's '<|im_end|>' stays text

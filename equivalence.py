@@ -178,7 +178,7 @@ def fit_shift(block, site, kind, x, target, rank=RANK):
 
 def where_to_steer(block, x, update, sites=SITES):
     """({site: {kind: share recovered}}, skip share ⟨δp, δz⟩ / ‖δz‖²) for an update of the block.
-    THEORY §5: z = p + y, so δz = δp + δy; the skip share is the part δp carries."""
+    THEORY §5: z = p + y, so δz = δp + δy; the skip share is δp's projection coefficient on δz."""
     (target, r_tuned), (z, r) = with_update(block, update).probe(x, "resid_mid"), block.probe(x, "resid_mid")
     table = {site: {kind: fit_shift(block, site, kind, x, target)[1] for kind in KINDS}
              for site in sites}

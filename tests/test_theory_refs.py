@@ -174,7 +174,7 @@ def test_the_smollm2_numbers_quoted_are_the_ones_equivalence_printed():
     assert row.split("|")[2:6] == [f" {shares[s]} " for s in ("attn_out", "mlp_in", "mlp_out",
                                                                "block_out")]
     assert f"**{oracle[0]} against {oracle[1]}**, noise {oracle[2]}" in theory
-    skip = re.search(r"skip share (\d\.\d+)", log)[1]
+    skip = re.search(r"skip share ⟨δp, δz⟩/‖δz‖² (\d\.\d+)", log)[1]
     assert f"{skip} (SmolLM2" in theory
 
 

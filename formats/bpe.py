@@ -9,7 +9,6 @@ enc.stop_tokens lists the ids that end the model's turn and enc.chat_template is
 (or None). A tokenizer setting the Encoding would not reproduce exactly is refused in one line
 that names it. formats/checkpoints.py builds one for each checkpoint it loads.
 """
-import json
 import os
 
 import tiktoken
@@ -80,8 +79,10 @@ def tokenizer_from_gguf(reader, name):
     if "tokenizer.ggml.pre" not in f:
         raise ValueError(f"{name}: tokenizer.ggml.pre is missing, so how its text is split before BPE "
                          "is unknown; re-convert it with a recent llama.cpp")
-    if f["tokenizer.ggml.model"] != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
-        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f['tokenizer.ggml.model']}/{f['tokenizer.ggml.pre']}")
+    if f.get("tokenizer.ggml.model") != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
+        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f.get('tokenizer.ggml.model')}/{f['tokenizer.ggml.pre']}")
+    if len(f.get("tokenizer.ggml.token_type", [])) != len(f["tokenizer.ggml.tokens"]):
+        raise ValueError(f"{name}: tokenizer.ggml.token_type is missing or not one type per token: the file is damaged")
     for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
         if f.get(field):
             raise unsupported(name, field, f[field])
@@ -99,7 +100,9 @@ def tokenizer_from_gguf(reader, name):
 
 def check_tokenizer_json(tok, path):
     """Refuse every setting of tokenizer.json that our Encoding would not reproduce."""
-    model = tok["model"]
+    model = tok.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)):
+        raise ValueError(f"{path}: its model must be an object with a vocab object and a merges list: the file is damaged")
     if model.get("type") != "BPE":
         raise unsupported(path, "model.type", model.get("type"))
     for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
@@ -133,8 +136,7 @@ def tokenizer_from_json(folder):
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no tokenizer.json: nanosteer needs the model's own tokenizer")
-    with open(path) as f:
-        tok = json.load(f)
+    tok = read_json(path)
     kinds = check_tokenizer_json(tok, path)
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in special}

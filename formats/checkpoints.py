@@ -19,7 +19,8 @@ import urllib.request
 import torch
 
 from formats.bpe import tokenizer_from_gguf, tokenizer_from_json
-from formats.tensor_files import is_gguf, read_gguf, read_json, read_weights, unsupported
+from formats.configs import LLAMA, gguf_config, hf_config  # noqa: F401 (LLAMA: for peft_lora)
+from formats.tensor_files import is_gguf, read_gguf, read_weights
 from machinery.files import write_atomically
 from model import GPT, GPTConfig
 from tasks import byte_encoding, get_tokenizer
@@ -79,7 +80,6 @@ HF_LLAMA = {"input_layernorm": "ln_1", "self_attn.q_proj": "q", "self_attn.k_pro
             "mlp.gate_proj": "mlp.c_gate", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
 GGUF_LLAMA = {"attn_norm": "ln_1", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "attn.c_proj",
               "ffn_norm": "ln_2", "ffn_gate": "mlp.c_gate", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
-LLAMA = dict(bias=False, mlp="glu", norm="rmsnorm", pos="rotary")
 
 
 def rename(tensors, prefix, outer, names, source):
@@ -102,56 +102,6 @@ def rename(tensors, prefix, outer, names, source):
     return ours
 
 
-def gpt2_config(hf, source):
-    """GPT2Config -> ours. Refused: whatever changes the function and our GPT-2 block cannot do.
-    (reorder_and_upcast_attn only changes the order of float operations: the same function.)"""
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):    # all three: the tanh GELU
-        raise unsupported(source, "activation_function", act)
-    for field, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("add_cross_attention", False)):
-        if hf.get(field, default) != default:
-            raise unsupported(source, field, hf[field])
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_width=hf.get("n_inner") or 0,
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                     tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def llama_config(hf, source):
-    """LlamaConfig -> ours. Refused: scaled or partial rotary, an MLP other than SiLU-gated,
-    biases, a head size other than n_embd / n_head."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers ≥ 5 keeps θ here
-    kind = rope.get("rope_type", rope.get("type", "default"))         # older files: "type"
-    if kind != "default":
-        raise unsupported(source, "rope_scaling", rope)
-    if hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise unsupported(source, "partial_rotary_factor", hf.get("partial_rotary_factor", rope.get("partial_rotary_factor")))
-    if hf.get("hidden_act", "silu") != "silu":
-        raise unsupported(source, "hidden_act", hf["hidden_act"])
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise unsupported(source, field, hf[field])
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise unsupported(source, "head_dim", hf["head_dim"])
-    return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                     n_kv_head=hf.get("num_key_value_heads") or 0, mlp_width=hf["intermediate_size"],
-                     norm_eps=hf["rms_norm_eps"], rope_theta=hf.get("rope_theta", rope.get("rope_theta", 1e4)),
-                     tie_embeddings=hf.get("tie_word_embeddings", False), **LLAMA)
-
-
-def hf_config(folder):
-    """config.json of a Hugging Face directory -> (its dict, our GPTConfig), every field checked."""
-    hf = read_json(os.path.join(folder, "config.json"))
-    if not hf:
-        raise ValueError(f"{folder} is not a Hugging Face model directory (no config.json)")
-    if hf.get("model_type") not in ("gpt2", "llama"):
-        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not supported (gpt2 and llama are)")
-    source = os.path.join(folder, "config.json")
-    return hf, (gpt2_config if hf["model_type"] == "gpt2" else llama_config)(hf, source)
-
-
 def load_hf_dir(folder):
     """A Hugging Face directory: config.json (model_type gpt2 or llama) + its weights -> our GPT.
     The config is checked before any weight is read."""
@@ -171,24 +121,6 @@ def load_hf_dir(folder):
     tensors = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # θ says it
     outer = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
     return build(config, rename(tensors, "model.layers.", outer, HF_LLAMA, folder), folder)
-
-
-def gguf_config(meta, names, n_vocab, path):
-    """llama.* metadata -> our config; refused: scaled or partial rotary, experts, other head sizes."""
-    head_size = meta["embedding_length"] // meta["attention.head_count"]
-    scaling = (meta.get("rope.scaling.type", "none"), meta.get("rope.scaling.factor", 1.0))
-    if scaling[0] != "none" or scaling[1] not in (0.0, 1.0) or "rope_freqs.weight" in names:
-        raise unsupported(path, "llama.rope.scaling.type/factor", f"{scaling[0]}/{scaling[1]}")
-    for field in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if meta.get(field, head_size) != head_size:
-            raise unsupported(path, f"llama.{field}", meta[field])
-    if meta.get("expert_count", 0):
-        raise unsupported(path, "llama.expert_count", meta["expert_count"])
-    return GPTConfig(block_size=meta["context_length"], vocab_size=n_vocab, n_layer=meta["block_count"],
-                     n_head=meta["attention.head_count"], n_kv_head=meta.get("attention.head_count_kv", 0),
-                     n_embd=meta["embedding_length"], mlp_width=meta["feed_forward_length"],
-                     norm_eps=meta["attention.layer_norm_rms_epsilon"], rope_theta=meta.get("rope.freq_base", 1e4),
-                     tie_embeddings="output.weight" not in names, **LLAMA)
 
 
 def load_gguf(path, name):

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from machinery import files
+
 
 def unsupported(source, field, value):
     """The one-line refusal of a setting our model does not implement (formats/bpe.py, formats/checkpoints.py)."""
@@ -23,11 +25,8 @@ def is_gguf(path):
 
 
 def read_json(path):
-    """The JSON file at path as a dict; {} when there is no such file."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """The JSON file at path as a dict, checked (machinery/files.py); {} when there is no such file."""
+    return files.read_json(path) if os.path.exists(path) else {}
 
 
 def read_safetensors(path):

@@ -388,6 +388,28 @@ def test_gguf_scaled_or_partial_rotary_is_refused(tmp_path, extra, field):
     one_line_error(field, load, path)
 
 
+def set_field(key, value):
+    """extra= for write_gguf: metadata key set to value (None: left out), after the writer's own."""
+    def edit(writer):
+        import gguf
+        if value is None:
+            writer.kv_data[0].pop(key)
+        else:
+            writer.kv_data[0][key] = gguf.GGUFValue(value, gguf.GGUFValueType.UINT32)
+    return edit
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("llama.attention.head_count", 0, "llama.attention.head_count = 0 must be a whole number ≥ 1"),
+    ("llama.embedding_length", None, "llama.embedding_length is missing"),
+    ("llama.attention.layer_norm_rms_epsilon", None, "llama.attention.layer_norm_rms_epsilon is missing"),
+    ("llama.block_count", None, "llama.block_count is missing"),
+    ("llama.context_length", 0, "llama.context_length = 0")])
+def test_gguf_metadata_missing_or_out_of_range_is_one_line(tmp_path, key, value, match):
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(llama_config()), extra=set_field(key, value))
+    one_line_error(match, load, path)
+
+
 def test_gguf_with_its_own_rotary_dimension_loads(tmp_path):
     model = random_model(llama_config())
     loaded, _ = load(write_gguf(tmp_path / "tiny.gguf", model, extra=lambda w: w.add_rope_dimension_count(8)))

@@ -130,6 +130,48 @@ def test_from_pretrained_untransposed_conv1d_weight_is_a_clear_error(tmp_path):
 
 
 
+def damage_header(change):
+    """-> edit(bytes) of a safetensors file: its JSON header changed by change(header)."""
+    def edit(data):
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        change(header)
+        head = json.dumps(header).encode()
+        return len(head).to_bytes(8, "little") + head + data[8 + n:]
+    return edit
+
+
+def set_offsets(name, offsets):
+    return damage_header(lambda header: header[name].update(data_offsets=offsets))
+
+
+DAMAGED_SAFETENSORS = {  # name: (edit of the file's bytes, what the error says)
+    "header length 10^12": (lambda d: (10 ** 12).to_bytes(8, "little") + d[8:], "header length 1000000000000 exceeds"),
+    "header length past the file": (lambda d: (len(d)).to_bytes(8, "little") + d[8:], "exceeds the file"),
+    "header a list": (lambda d: (3).to_bytes(8, "little") + b"[1]" + d[8:], "header is not a JSON object"),
+    "header not JSON": (lambda d: (3).to_bytes(8, "little") + b"{{{" + d[8:], "header is not a JSON object"),
+    "entry a number": (damage_header(lambda h: h.update({"h.0.ln_1.weight": 7})), "dtype None"),
+    "no shape": (damage_header(lambda h: h["h.0.ln_1.weight"].pop("shape")), "no valid shape"),
+    "offsets past the end": (set_offsets("h.0.ln_1.weight", [10 ** 9, 10 ** 9 + 128]), "do not hold its shape"),
+    "offsets too short": (set_offsets("h.0.ln_1.weight", [0, 4]), "do not hold its shape"),
+    "offsets reversed": (set_offsets("h.0.ln_1.weight", [128, 0]), "do not hold its shape"),
+    "negative offset": (set_offsets("h.0.ln_1.weight", [-128, 0]), "no valid shape"),
+    "truncated": (lambda d: d[:len(d) - 100], "do not hold its shape"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_SAFETENSORS)
+def test_a_damaged_safetensors_file_is_one_line_before_any_tensor_is_read(tmp_path, name):
+    edit, match = DAMAGED_SAFETENSORS[name]
+    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), "safetensors", "")
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(edit(data))
+    one_line_error(match, load_hf_dir, folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # a tiny Llama-family model, written as a Hugging Face directory and as a GGUF file
 

@@ -124,10 +124,14 @@ def read_weights(folder):
         raise ValueError(f"{folder} has no weights: nanosteer reads model.safetensors, its shards "
                          "(model.safetensors.index.json) or pytorch_model.bin")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)       # no code runs
+        tensors = torch.load(path, map_location="cpu", weights_only=True)       # no code runs
     except Exception as e:  # the pickle holds more than tensors, or is no pickle at all
         raise ValueError(f"{path} is not a plain file of tensors ({type(e).__name__}), so nanosteer "
                          "refuses it (it could run code); use its model.safetensors") from None
+    if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in tensors.items())):
+        raise ValueError(f"{path} is not a mapping of names to tensors: the file is damaged")
+    return tensors
 
 
 def read_gguf(path):

@@ -10,6 +10,8 @@ import numbers
 import os
 import tempfile
 
+import torch
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (argparse prints its usage above it)."""
@@ -45,6 +47,9 @@ def can_write_in(folder):
         return False
 
 
+MAX_LAYERS = 1024
+
+
 def check_config(config):
     """Every field of a GPTConfig checked, in one line each, so a bad config never reaches a tensor."""
     least_values = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_width=0,
@@ -53,6 +58,9 @@ def check_config(config):
         value = getattr(config, field)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
+    if config.n_layer > MAX_LAYERS:
+        raise ValueError(f"config n_layer={config.n_layer}: at most {MAX_LAYERS} (published LMs have under "
+                         "200 blocks; a config with more is damaged, and building it would take minutes)")
     for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
         value = getattr(config, field)
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -69,6 +77,39 @@ def check_config(config):
                          f"and n_head a multiple of n_kv_head {config.n_kv_head}")
     if config.pos == "rotary" and (config.n_embd // config.n_head) % 2:
         raise ValueError("rotary positions need an even head size n_embd / n_head")
+
+
+def regular_file(path, what="checkpoint"):
+    """A path to read must be a regular file: a FIFO or a device would block the reader for ever."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file: give a {what} file")
+
+
+def check_names_and_shapes(tensors, model_tensors, source):
+    """A checkpoint's tensors {name: tensor} against the model's (a model made on the meta device:
+    nothing allocated yet): every name known and given, every shape right."""
+    for name, tensor in tensors.items():
+        if name not in model_tensors:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for this architecture")
+        if tensor.shape != model_tensors[name].shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(model_tensors[name].shape)}")
+    missing = sorted(set(model_tensors) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
+
+
+def exact_dtype(tensors, source):
+    """Every tensor a real float one (complex, integers or anything else refused) and finite. ->
+    the dtype that holds them all exactly: float64 if one is, else float32 (float16 and bfloat16
+    widen to it exactly). A checkpoint's numbers are never rounded on the way in."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{source}: {name} is {kind}, not a tensor of real floats: not loaded")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: tensor {name} holds NaN or infinity: the checkpoint is damaged")
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
 
 
 def check_layers(model, layers):

@@ -195,6 +195,32 @@ def test_gpt2_settings_our_block_cannot_compute_are_refused(tmp_path, field, val
 # ---------------------------------------------------------------------------------------------
 # two settings for one thing: loaded as transformers itself reads them, checked on its logits
 
+def with_head_of_its_own(folder, same_as_embedding=False):
+    """Add an lm_head.weight to a tied checkpoint's model.safetensors, as an edited file has it."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    embedding = next(t for k, t in tensors.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
+    torch.manual_seed(2)
+    tensors["lm_head.weight"] = embedding.clone() if same_as_embedding else torch.randn_like(embedding)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("make, vocab", [(tiny_llama, 261), (tiny_gpt2, 61)], ids=["llama", "gpt2"])
+def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_does(tmp_path, make, vocab):
+    folder, tied = make(tmp_path)
+    assert tied.config.tie_word_embeddings
+    with_head_of_its_own(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = checkpoints.load_hf_dir(folder)
+    assert max_logit_diff(model, ref, vocab) <= 1e-4           # transformers ≥ 5 keeps the file's head
+    assert not model.config.tie_embeddings
+    with_head_of_its_own(folder, same_as_embedding=True)      # the same tensor twice: tied, as it was
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = checkpoints.load_hf_dir(folder)
+    assert max_logit_diff(model, ref, vocab) <= 1e-4 and model.config.tie_embeddings
+
+
 @pytest.mark.parametrize("changes", [
     dict(rope_theta=12345.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     dict(rope_theta=12345.0, rope_parameters={"rope_type": "default"}),

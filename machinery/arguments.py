@@ -7,6 +7,7 @@ import os
 
 import nanosteer
 from formats import checkpoints
+from machinery import runtime
 from machinery.checks import check_out_dir
 from model import resolve_site
 from tasks import TASKS
@@ -55,6 +56,8 @@ def check_files(config, default_init):
     check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
     if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
         raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
+    if config.resume:
+        runtime.read_resume(os.path.join(config.out_dir, "resume.pt"), config)   # all but the tensors, now
     if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != default_init \
             and config.init not in checkpoints.NAMES:
         raise ValueError(f"--init {config.init} does not exist: give a checkpoint file, a Hugging Face "

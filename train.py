@@ -239,6 +239,7 @@ def write_resume(config, proc, step, losses, model, optimizer, batches, stopped)
     if proc.rank != 0:
         return
     path = os.path.join(config.out_dir, "resume.pt")
+    runtime.make_room(config.out_dir, proc)                 # an earlier run there moves aside first
     runtime.save_resume(path, config, step + 1, losses, model, optimizer, batches)
     print(f"wrote {path} after step {step}" + ("; stopped (Ctrl-C): the same command with --resume goes on"
                                                 if stopped else ""))
@@ -290,7 +291,8 @@ def train_once(config):
     dtype = runtime.pick_dtype(config.dtype, device)
     runner = torch.compile(model) if config.compile else model  # save `model`, the uncompiled one
     proc = argparse.Namespace(device=device, rank=rank, world=world, autocast=runtime.autocast(device, dtype),
-                              trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world))
+                              trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world),
+                              earlier_run=runtime.holds_earlier_run(config))
     optimizer = make_optimizer(model, config)
     params = nanosteer.report(model)
     if rank == 0:                                  # (before --resume loads the trained tensors)
@@ -320,6 +322,7 @@ def train_once(config):
                    trainable_pct=params["pct"], train_seconds=train_seconds, steps=config.steps, device=device,
                    dtype=dtype, processes=world, init=None if config.mode == "pretrain" else config.init,
                    losses=losses)                                 # the training loss of every step
+    runtime.make_room(config.out_dir, proc)                 # an earlier run there moves aside first
     write_outputs(model, enc, config, results, hits)
     print(f"\n{config.task} | {config.mode} | accuracy {base_accuracy:.1%} -> {results['accuracy']:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")

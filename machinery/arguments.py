@@ -8,7 +8,8 @@ import os
 import nanosteer
 from formats import checkpoints
 from machinery import runtime
-from machinery.checks import check_out_dir
+from machinery.checks import check_out_dir, check_set_aside
+from machinery.files import earlier_run
 from model import resolve_site
 from tasks import TASKS
 
@@ -58,6 +59,8 @@ def check_files(config, default_init):
         raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
     if config.resume:
         runtime.read_resume(os.path.join(config.out_dir, "resume.pt"), config)   # all but the tensors, now
+    elif earlier_run(config.out_dir):
+        check_set_aside(config.out_dir)                  # the new run moves it aside: can it?
     if config.mode != "pretrain" and not os.path.exists(config.init) and config.init != default_init \
             and config.init not in checkpoints.NAMES:
         raise ValueError(f"--init {config.init} does not exist: give a checkpoint file, a Hugging Face "

@@ -32,10 +32,33 @@ def check_out_dir(out_dir, init=None, flag="--out-dir"):
     if not os.path.isdir(existing) or not can_write_in(existing):
         raise ValueError(f"{flag} {out_dir} cannot be written ({existing} is not a writable folder): "
                          f"choose another {flag}")
-    if init is not None and os.path.isfile(init):
-        if os.path.realpath(os.path.dirname(init) or ".") == os.path.realpath(out_dir):
-            raise ValueError(f"{flag} {out_dir} holds the --init checkpoint {init}, which the run "
-                             f"could write over: choose another {flag}")
+    if init is not None and os.path.exists(init) and holds(out_dir, init):
+        raise ValueError(f"{flag} {out_dir} holds the --init checkpoint {init}, which the run "
+                         f"could write over or move: choose another {flag}")
+
+
+def holds(folder, path):
+    """Does folder hold path, whatever way path reaches it (a symlink, `..`, a hard link)? Yes when
+    path's real location is folder, or in it at any depth, or when a file of folder is the very
+    same file (os.path.samefile: the same inode, which a hard link shares)."""
+    real, inside = os.path.realpath(path), os.path.realpath(folder)
+    if real == inside or real.startswith(inside + os.sep):
+        return True
+    if not os.path.isdir(folder):
+        return False
+    with os.scandir(folder) as entries:          # the files a run writes or replaces: folder's own
+        return any(e.is_file() and os.path.samefile(e.path, path) for e in entries)
+
+
+def check_set_aside(out_dir, flag="--out-dir"):
+    """A folder that holds an earlier run is moved aside whole before a new run writes there
+    (machinery/files.py's set_aside). Check now, before any work, that it can be: not the current
+    folder or one holding it, not a mount point, in a folder we can write."""
+    real, here = os.path.realpath(out_dir), os.path.realpath(os.getcwd())
+    parent = os.path.dirname(os.path.abspath(os.path.normpath(out_dir)))
+    if here == real or here.startswith(real + os.sep) or os.path.ismount(real) or not can_write_in(parent):
+        raise ValueError(f"{flag} {out_dir} holds an earlier run, which a new run moves aside first, but this "
+                         f"folder cannot be moved (the current folder, a mount point or read-only): choose another {flag}")
 
 
 def can_write_in(folder):

@@ -31,6 +31,24 @@ def write_files(folder, writers):
                 os.remove(tmp)
 
 
+RUN_FILES = ("results.json", "outcomes.json", "loss.png", "model.pt", "adapters.pt", "resume.pt")  # train.py's
+
+
+def earlier_run(folder):
+    """The files of a train.py run that folder holds, finished or stopped ([] when none)."""
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(folder, name))]
+
+
+def set_aside(folder):
+    """A folder holds one run: move the earlier run, the whole folder, to the next free name
+    <folder>-1, <folder>-2, ... (a rename: nothing is copied or lost). -> that name."""
+    folder, n = os.path.normpath(folder), 1
+    while os.path.lexists(f"{folder}-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}-{n}")
+    return f"{folder}-{n}"
+
+
 def write_atomically(path, write):
     """One file through write_files: write(tmp) fills a temporary file that then replaces path."""
     write_files(os.path.dirname(path), {os.path.basename(path): write})

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
 
-from machinery.files import save_torch, write_atomically
+from machinery.files import earlier_run, save_torch, set_aside, write_atomically
 
 # ---------------------------------------------------------------------------------------------
 # device and number format
@@ -103,7 +103,20 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.previous)
 
 # ---------------------------------------------------------------------------------------------
-# resumable runs: resume.pt in --out-dir
+# one run a folder, and resumable runs: resume.pt in --out-dir
+
+
+def holds_earlier_run(config):
+    """Does --out-dir hold another run's files (a run we do not --resume)? Asked at the start."""
+    return not config.resume and bool(earlier_run(config.out_dir))
+
+
+def make_room(out_dir, proc):
+    """Before this run's first file goes into out_dir: the earlier run there (proc.earlier_run, from
+    the start) moves aside whole, once, so the folder never holds two runs' files. Said in one line."""
+    if proc.earlier_run:
+        print(f"moved the earlier run in {out_dir} to {set_aside(out_dir)} (a folder holds one run)")
+        proc.earlier_run = False
 
 FREE_ARGS = ("resume", "ckpt_every", "log_every", "device", "compile", "out_dir")   # they change no number
 

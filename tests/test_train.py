@@ -415,6 +415,55 @@ def test_the_init_checkpoints_folder_is_refused_as_output(tmp_path, tiny_base):
     assert sha256(tiny_base) == before
 
 
+@pytest.mark.parametrize("reach", ["symlink", "hard link", "dot-dot"])
+def test_the_init_file_is_refused_as_output_whatever_path_reaches_it(tmp_path, tiny_base, reach):
+    goodfull, elsewhere = tmp_path / "goodfull", tmp_path / "X"
+    goodfull.mkdir(), elsewhere.mkdir()
+    (goodfull / "model.pt").write_bytes(tiny_base.read_bytes())
+    init = {"symlink": elsewhere / "latest.pt", "hard link": elsewhere / "hard.pt",
+            "dot-dot": elsewhere / ".." / "goodfull" / "model.pt"}[reach]
+    if reach == "symlink":
+        init.symlink_to(goodfull / "model.pt")
+    elif reach == "hard link":
+        os.link(goodfull / "model.pt", init)
+    before = sha256(goodfull / "model.pt"), sorted(os.listdir(goodfull))
+    proc = train_py("--init", init, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", goodfull)
+    assert proc.returncode == 2 and "holds the --init checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert (sha256(goodfull / "model.pt"), sorted(os.listdir(goodfull))) == before
+
+
+def folder_bytes(folder):
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+def test_a_folder_holds_one_run_the_earlier_one_moves_aside_whole(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    train_ok("--init", tiny_base, *TINY, "--mode", "activation", "--out-dir", out)
+    first = folder_bytes(out)
+    proc = train_ok("--init", tiny_base, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", out)
+    assert f"moved the earlier run in {out} to {out}-1" in proc.stdout
+    assert folder_bytes(tmp_path / "run-1") == first                   # the activation run, whole
+    assert sorted(os.listdir(out)) == ["loss.png", "model.pt", "outcomes.json", "results.json"]  # no adapters.pt
+    proc = train_ok("--init", tiny_base, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", out)
+    assert f"to {out}-2" in proc.stdout and folder_bytes(tmp_path / "run-1") == first   # the same command again
+
+
+def test_a_refused_run_moves_nothing(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    train_ok("--init", tiny_base, *TINY, "--mode", "activation", "--out-dir", out)
+    first = folder_bytes(out)
+    proc = train_py("--init", tiny_base, *TINY, "--mode", "activation", "--rank", "10000", "--out-dir", out)
+    assert proc.returncode == 2 and folder_bytes(out) == first and not (tmp_path / "run-1").exists()
+
+
+def test_a_folder_that_cannot_be_moved_aside_is_refused_before_any_work(tmp_path, tiny_base, monkeypatch):
+    (tmp_path / "results.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--init", str(tiny_base), "--mode", "activation", "--out-dir", "."])
+    with pytest.raises(ValueError, match="holds an earlier run, which a new run moves aside first"):
+        train.resolve_args(args)
+
+
 def test_a_diverged_run_stops_with_one_line_and_leaves_a_good_model_untouched(tmp_path, tiny_base):
     good = tmp_path / "base"
     good.mkdir()

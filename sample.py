@@ -23,7 +23,7 @@ import torch
 from formats import adapters
 from formats import checkpoints
 from machinery import runtime
-from machinery.checks import OneLineParser
+from machinery.checks import OneLineParser, check_bounds
 from train import BASE_CHECKPOINT
 
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
                          f"{args.max_new_tokens} and {args.temperature}")
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    check_bounds(dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, seed=args.seed))
     if args.top_k is not None and args.top_k <= 0:
         raise ValueError(f"--top-k must be positive (or left out: all tokens), got {args.top_k}")
     if args.adapters is not None and not os.path.isfile(args.adapters):

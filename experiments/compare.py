@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from formats import checkpoints  # noqa: E402
 import train  # noqa: E402
-from machinery.checks import OneLineParser, check_out_dir as check_folder  # noqa: E402
+from machinery.checks import OneLineParser, check_bounds, check_out_dir as check_folder  # noqa: E402
 from machinery.files import read_json, write_atomically, write_files, write_text  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from experiments import stats  # noqa: E402
@@ -115,6 +115,7 @@ def parse_args(argv=None):
             args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "
                          "--n-eval must be positive")
+    check_bounds(dict(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, n_eval=args.n_eval))
     defaults = train.LM_DEFAULTS["lr"] if args.lm else train.DEFAULT_LR
     one_each = {family: [defaults[family]] for family in NANO_GRID}   # --quick: train.py's rates
     args.grid = one_each if args.quick else BUDGET_GRID.get(args.budget, LM_GRID if args.lm else NANO_GRID)

@@ -154,6 +154,32 @@ def check_layers(model, layers):
     return list(layers)
 
 
+# The upper bound of every size argument, with its reason: a typo costs one line, not hours or a crash.
+LIMITS = {
+    "steps": (1_000_000, "a million steps is days on a CPU"),
+    "warmup": (1_000_000, "the bound of --steps"), "log_every": (1_000_000, "the bound of --steps"),
+    "ckpt_every": (1_000_000, "the bound of --steps"), "ortho_every": (1_000_000, "the bound of --steps"),
+    "batch_size": (4096, "a step's rows must fit in memory at once; 16 to 256 is what these models use"),
+    "n_train": (1_000_000, "a million examples take a minute to make and pack; the tasks have no more to teach"),
+    "n_eval": (50_000, "val and test prompts are drawn without repeats, and the pretraining task has about "
+                       "340,000 in all"),
+    "seeds": (100, "each seed is a whole set of runs; 3 decide the paper's claims"),
+    "max_new_tokens": (100_000, "longer than any model's context here (SmolLM2: 8,192 tokens)"),
+    "num_samples": (1000, "every sample is a row in memory at once"),
+    "seed": (2 ** 63 - 1, "torch seeds its generators with a signed 64-bit number"),
+}
+
+
+def check_bounds(values):
+    """{argument: value}, each at most its LIMITS bound (and a seed ≥ 0); the other lower bounds
+    are checked where each script parses its arguments."""
+    for name, value in values.items():
+        high, why = LIMITS[name]
+        if value is not None and (value > high or name == "seed" and value < 0):
+            what = f"in 0..{high:,}" if name == "seed" else f"at most {high:,}"
+            raise ValueError(f"--{name.replace('_', '-')} {value} is out of range: it must be {what} ({why})")
+
+
 def whole_number(value, low, high, message):
     """value as an int if it is a whole number (no bool) in low..high, else ValueError(message)."""
     whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -66,6 +66,12 @@ CASES = {
     "train: missing data": ("train.py", TRAIN + ["--data", "{missing}"]),
     "train: data is a folder": ("train.py", TRAIN + ["--data", "{folder}"], "folder"),
     "train: resume without resume.pt": ("train.py", TRAIN + ["--resume"]),
+    "train: batch size 1e9": ("train.py", TRAIN + ["--batch-size", "1000000000"], "out of range"),
+    "train: steps 1e23": ("train.py", TRAIN + ["--steps", "99999999999999999999999"], "out of range"),
+    "train: n-train 1e10": ("train.py", TRAIN + ["--n-train", "10000000000"], "out of range"),
+    "train: n-eval 1e6": ("train.py", TRAIN + ["--n-eval", "1000000"], "out of range"),
+    "train: seed 2**64": ("train.py", TRAIN + ["--seed", "18446744073709551616"], "out of range"),
+    "train: data nested 100k deep": ("train.py", TRAIN + ["--data", "{deep_data}"], "line 1"),
     "train: diverged run": ("train.py", ["--mode", "pretrain", "--lr", "1e6", "--steps", "3",
                                          "--batch-size", "2", "--n-train", "8", "--n-eval", "4",
                                          "--out-dir", "{out}"], "loss"),
@@ -83,6 +89,8 @@ CASES = {
     "sample: top-k 0": ("sample.py", SAMPLE + ["--top-k", "0"]),
     "sample: num-samples 1e8": ("sample.py", SAMPLE + ["--num-samples", "100000000"], "num-samples"),
     "sample: device typo": ("sample.py", SAMPLE + ["--device", "cuda0"]),
+    "sample: max-new-tokens 1e9": ("sample.py", SAMPLE + ["--max-new-tokens", "1000000000"], "out of range"),
+    "sample: seed 2**64": ("sample.py", SAMPLE + ["--seed", "18446744073709551616"], "out of range"),
     "sample: missing adapters": ("sample.py", SAMPLE + ["--adapters", "{missing}"]),
     "sample: hostile adapters": ("sample.py", SAMPLE + ["--adapters", "{hostile}"]),
     "sample: damaged adapters": ("sample.py", SAMPLE + ["--adapters", "{damaged_adapters}"]),
@@ -95,6 +103,9 @@ CASES = {
     "compare: steps negative": ("experiments/compare.py", QUICK + ["--steps", "-1"]),
     "compare: task typo": ("experiments/compare.py", QUICK + ["--tasks", "bolq"]),
     "compare: budget typo": ("experiments/compare.py", QUICK + ["--budget", "nanoo"]),
+    "compare: n-eval 1e6": ("experiments/compare.py", QUICK + ["--n-eval", "1000000"], "out of range"),
+    "compare: seeds 1000": ("experiments/compare.py", QUICK + ["--seeds", "1000"], "out of range"),
+    "compare: batch size 1e9": ("experiments/compare.py", QUICK + ["--batch-size", "1000000000"], "out of range"),
     # equivalence.py
     "equivalence: out is a file": ("equivalence.py", EQUIV + ["--out", "{file}"]),
     "equivalence: out inside a file": ("equivalence.py", EQUIV + ["--out", "{file}/figures"]),
@@ -127,6 +138,9 @@ def make_arena(root):
     paths = {name: os.path.join(root, name + ".pt") for name in checkpoints}
     for name in ("out", "file", "folder", "hf_no_weights", "hf_hostile"):
         paths[name] = os.path.join(root, name)
+    paths["deep_data"] = os.path.join(root, "deep.jsonl")
+    with open(paths["deep_data"], "w") as f:                             # brackets nested 100k deep
+        f.write('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "x"}\n')
     paths["marker"] = os.path.join(root, "CODE-RAN")
     torch.manual_seed(0)
     base = GPT(GPTConfig(**TINY_CONFIG))

@@ -374,6 +374,40 @@ def test_bad_input_is_a_one_line_error_before_training(make_args, pattern, tmp_p
     assert_fails_before_training(proc, out, pattern)
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--steps", "99999999999999999999999"), ("--batch-size", "1000000000"), ("--n-train", "10000000000"),
+    ("--n-eval", "1000000"), ("--log-every", "10000000"), ("--ckpt-every", "10000000"), ("--warmup", "10000000"),
+    ("--ortho-every", "10000000"), ("--seed", "18446744073709551616"), ("--seed", "-1")])
+def test_every_size_argument_has_an_upper_bound_with_its_reason(flag, value):
+    with pytest.raises(ValueError, match=rf"^{flag} {value} is out of range: it must be .+ \(.+\)$") as e:
+        train.resolve_args(train.parse_args(["--mode", "joint", flag, value, "--out-dir", "unused"]))
+    assert "\n" not in str(e.value)
+
+
+def test_a_data_line_of_brackets_nested_100k_deep_is_one_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "x"}\n')
+    with pytest.raises(ValueError, match="deep.jsonl line 1: expected a UTF-8 JSON object"):
+        train.resolve_args(train.parse_args(["--mode", "activation", "--data", str(path), "--out-dir", "unused"]))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "has 0 examples"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 7}\n', "line 2: expected"),
+    ("".join(f'{{"prompt": "{i}' + "x" * 300 + '", "completion": "y"}\n' for i in range(3)), "longer than the block size")])
+def test_a_bad_data_file_is_refused_before_the_missing_base_is_pretrained(tmp_path, monkeypatch, capsys, content,
+                                                                          match):
+    monkeypatch.setattr(train, "BASE_CHECKPOINT", str(tmp_path / "base" / "model.pt"))
+    monkeypatch.setitem(train.DEFAULT_STEPS, "pretrain", 2)             # (the code before: a short pretraining)
+    (tmp_path / "data.jsonl").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--mode", "activation", "--data", str(tmp_path / "data.jsonl"), "--device", "cpu",
+                    "--n-eval", "10", "--out-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert "pretraining" not in out and not (tmp_path / "base").exists()
+
+
 @pytest.mark.slow
 def test_a_failed_run_leaves_an_earlier_good_run_untouched(run, base):
     good = run("linear_block_out").out

@@ -13,6 +13,9 @@ at the model's own end of text or end of turn (<|endoftext|>, and e.g. <|im_end|
 0 is greedy decoding; otherwise a token is drawn from softmax(logits / temperature), among the
 --top-k most likely ones only when given. Prompt and continuation must fit the model's context.
 """
+from machinery.interrupt import one_line_on_ctrl_c   # first: Ctrl-C while torch loads is one line too
+if __name__ == "__main__":
+    one_line_on_ctrl_c("sample.py")
 import math
 import os
 import re

@@ -13,6 +13,9 @@ the trained tensors into --out-dir, together, only when the run has finished wit
 Read it top to bottom: the arguments, the model, the loop a student reads (train_steps, the heart
 of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in machinery/runtime.py (a first read skips it).
 """
+from machinery.interrupt import one_line_on_ctrl_c   # first: Ctrl-C while torch loads is one line too
+if __name__ == "__main__":
+    one_line_on_ctrl_c("train.py")
 import argparse
 import math
 import os

@@ -23,9 +23,11 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from machinery.interrupt import one_line_on_ctrl_c  # noqa: E402 (first: Ctrl-C while torch loads)
+if __name__ == "__main__":
+    one_line_on_ctrl_c("compare.py")
+import torch  # noqa: E402
 from formats import checkpoints  # noqa: E402
 import train  # noqa: E402
 from machinery.checks import OneLineParser, check_bounds, check_out_dir as check_folder  # noqa: E402

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -148,3 +149,27 @@ def test_a_resume_file_is_checked_whole_before_anything_changes(name, short_run,
         train.train(train.resolve_args(train.parse_args(argv)))
     assert "\n" not in str(e.value)
     assert {f: (tmp_path / "run" / f).read_bytes() for f in os.listdir(tmp_path / "run")} == before
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C anywhere, not only mid-training: one line (or, mid-training, the resume.pt line), exit 130
+
+
+def interrupted(args, after):
+    """Run `python args...`, Ctrl-C it `after` seconds in -> (exit status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("script, after", [("train.py", 0.4), ("train.py", 2.5), ("sample.py", 0.4),
+                                           ("sample.py", 1.8), ("equivalence.py", 0.4), ("equivalence.py", 5.0)])
+def test_ctrl_c_anywhere_is_one_line_and_exit_130(script, after, tiny_base, tmp_path):
+    args = {"train.py": ["--init", tiny_base, *RUN, "--steps", "5000", "--out-dir", tmp_path / "out"],
+            "sample.py": ["--init", tiny_base, "--max-new-tokens", "120", "--num-samples", "64"],
+            "equivalence.py": ["--out", tmp_path / "eq"]}[script]
+    rc, stdout, stderr = interrupted([script, *args], after)
+    assert rc == 130 and "Traceback" not in stderr, (rc, stderr[-2000:])
+    assert stderr.strip() == f"{script}: stopped (Ctrl-C)" or "stopped (Ctrl-C)" in stdout, stderr

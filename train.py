@@ -99,9 +99,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="number format "
-                   "of the passes (weights stay float32). auto: bf16 autocast on CUDA, float32 on a CPU (bfloat16 "
-                   "runs faster on a CPU with native bf16, but changed SmolLM2's accuracy: RESULTS.md)")
+    g.add_argument("--dtype", default="auto", type=runtime.dtype_name, choices=["auto", "float32", "bfloat16"],
+                   help="number format of the passes (weights stay float32; bf16, fp32 also). auto: bf16 autocast on "
+                   "CUDA, float32 on a CPU (bfloat16 runs faster on a CPU with native bf16, but changed SmolLM2's accuracy)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
     g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")
@@ -269,6 +269,7 @@ def prompt_hits(model, x, y, device, autocast, batch_size=50):
 
 def train(config):
     """Pretrain the default base first if this run adapts it and it is missing; then the run."""
+    runtime.warn_if_slow(config)                    # a dtype this CPU runs slowly: said before anything
     if config.mode != "pretrain" and config.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(config, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
         print(f"no base model at {BASE_CHECKPOINT} (git checkout {os.path.dirname(BASE_CHECKPOINT)} "

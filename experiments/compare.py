@@ -29,6 +29,7 @@ if __name__ == "__main__":
     one_line_on_ctrl_c("compare.py")
 import torch  # noqa: E402
 from formats import checkpoints  # noqa: E402
+from machinery import runtime  # noqa: E402
 import train  # noqa: E402
 from machinery.checks import OneLineParser, check_bounds, check_out_dir as check_folder  # noqa: E402
 from machinery.files import read_json, write_atomically, write_files, write_text  # noqa: E402
@@ -99,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--batch-size", type=int, help="examples per step")
     p.add_argument("--n-eval", type=int, help="validation and test examples per task (each)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", type=runtime.dtype_name, choices=["auto", "float32", "bfloat16"],
+                   help="train.py's --dtype (bf16, fp32 also)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--out-dir", help="where everything goes (default out/compare-<init>-<budget>)")
     p.add_argument("--force", action="store_true", help="into an --out-dir of another config")
@@ -255,9 +257,11 @@ def main(args):
     print(f"{len(args.methods)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
           f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows, "
           f"{on_disk} finished before; into {args.out_dir}", flush=True)
+    runtime.warn_if_slow(args)                         # bf16 on a CPU without it: said now, not in hours
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
         to_train = max(0, plan - on_disk)              # a grown grid's runs are not in the plan
-        hours = {d: to_train * args.steps * STEP_SECONDS[d] / 3600 for d in STEP_SECONDS}
+        seconds = STEP_SECONDS if runtime.cpu_has_native_bf16() else {"float32": STEP_SECONDS["float32"]}
+        hours = {d: to_train * args.steps * seconds[d] / 3600 for d in seconds}      # (bf16's: measured with it)
         print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
               + " (a steering step's time; full FT's slower steps and evaluation add)", flush=True)
     progress = stats.Progress(plan, os.path.join(args.out_dir, "progress.log"), on_disk)

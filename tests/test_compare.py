@@ -218,6 +218,22 @@ def test_bad_arguments_are_one_line_and_change_nothing(tmp_path, tiny_base):
         assert folder_bytes(out) == before                            # the old log is untouched
 
 
+def test_bf16_on_a_cpu_without_it_is_said_at_the_start_and_bf16_is_accepted(tmp_path, monkeypatch, tiny_base, capsys):
+    from machinery import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+
+    def no_runs(*args):
+        raise ValueError("(the runs would start here)")
+    monkeypatch.setattr(compare, "run_all", no_runs)
+    args = compare.parse_args(["--init", str(tiny_base), "--quick", "--dtype", "bf16", "--device", "cpu",
+                               "--out-dir", str(tmp_path / "out")])
+    assert args.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="the runs would start here"):
+        compare.main(args)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: this CPU has no native bf16") and "--dtype float32 is faster" in err
+
+
 def test_default_output_folders_differ_per_checkpoint(tmp_path, tiny_base):
     folders = set()
     for sub in ("a", "b"):

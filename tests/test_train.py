@@ -536,6 +536,29 @@ def test_dtype_is_bf16_on_cuda_and_float32_on_a_cpu_unless_asked():
     assert runtime.pick_dtype("float32", "cuda") == "float32"
 
 
+@pytest.mark.parametrize("typed, meant", [("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")])
+def test_dtype_is_accepted_as_people_type_it(typed, meant):
+    assert train.parse_args(["--dtype", typed]).dtype == meant
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_it_is_said_in_one_line_before_any_work(native, monkeypatch, capsys, tiny_base, tmp_path):
+    from machinery import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+
+    def no_work(config):
+        raise ValueError("(the run would start here)")
+    monkeypatch.setattr(train, "train_once", no_work)
+    with pytest.raises(SystemExit):
+        train.main(["--init", str(tiny_base), "--mode", "activation", "--dtype", "bf16", "--device", "cpu",
+                    "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    warned = [line for line in lines if line.startswith("warning: this CPU has no native bf16")]
+    assert len(warned) == (0 if native else 1) and lines[-1].endswith("(the run would start here)")
+    if not native:
+        assert warned[0] == lines[0] and "float32 is faster" in warned[0] and "slower" in warned[0]
+
+
 def test_the_linear_schedule_and_steerlings_init_are_what_steerling_trains_with():
     """--schedule linear: Hugging Face's linear decay, to 0 at the last step after the warmup;
     --shift-init steerling: D = 1e-3 × nn.Linear's Kaiming-uniform init, |D| ≤ 1e-3/√n."""

@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from machinery.interrupt import one_line_on_ctrl_c  # noqa: E402 (first: Ctrl-C while torch loads)
 if __name__ == "__main__":
-    one_line_on_ctrl_c("compare.py")
+    one_line_on_ctrl_c("compare.py", ": run the same command to go on")
 import torch  # noqa: E402
 from formats import checkpoints  # noqa: E402
 from machinery import runtime  # noqa: E402

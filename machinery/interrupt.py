@@ -7,13 +7,13 @@ import signal
 import sys
 
 
-def one_line_on_ctrl_c(script):
-    """From now on Ctrl-C stops the script with `script: stopped (Ctrl-C)` on stderr and exit
+def one_line_on_ctrl_c(script, then=""):
+    """From now on Ctrl-C stops the script with `script: stopped (Ctrl-C)` + then on stderr and exit
     status 130, never a traceback. train.py's loop sets its own handler while it trains (machinery/
     runtime.py's CtrlC: it finishes the step and writes resume.pt) and puts this one back after.
     A SIGINT that was ignored (a background job of a shell) stays ignored."""
     def stop(signum, frame):
-        print(f"{script}: stopped (Ctrl-C)", file=sys.stderr)
+        print(f"{script}: stopped (Ctrl-C){then}", file=sys.stderr)
         raise SystemExit(130)               # finally blocks still run: temporaries are removed
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, stop)

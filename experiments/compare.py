@@ -66,6 +66,7 @@ LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3
 # longer run often wants a lower peak); lm-3000 takes lm-1000's winners; the recipe keeps its own
 BUDGET_GRID = {"lm-1000": {"full": [3e-4], "lora": [1.5e-3], "shift": [1e-3, 3e-3], "recipe": [9e-4]},
                "lm-3000": {"full": [3e-4], "lora": [1.5e-3], "shift": [3e-3], "recipe": [9e-4]}}
+RESULT_FIELDS = dict(losses=list, accuracy=float, val_accuracy=float, base_accuracy=float, train_seconds=float)
 STEP_SECONDS = {"bfloat16": 0.92, "float32": 1.42}  # a SmolLM2 steering step, 2 CPU cores: results/smollm2/dtype.txt
 ALL = tuple(name for name in METHODS if name != "recipe_block_out")     # the tables' rows
 IN_CLAIMS = ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
@@ -144,7 +145,7 @@ def config(args):                            # what makes a table: one config a 
 def check_out_dir(args):
     """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
     out = args.out_dir
-    check_folder(out)
+    check_folder(out, files=("results.json", "results.md", "train.log", "progress.log", "config.json"))
     saved = os.path.join(out, "config.json")
     old = read_json(saved) if os.path.exists(saved) else {}
     changed = [key for key, value in config(args).items() if old.get(key) != value]
@@ -179,8 +180,10 @@ def run(args, name, task, seed, lrs, log):
                 return dict(method=name, task=task, seed=seed, lrs=lrs, reused=False, failed=str(e),
                             val_accuracy=-1, accuracy=0, final_loss=math.inf, train_seconds=0)
         write_atomically(files[2], write_text(json.dumps(argv)))    # last: the run is finished
-    res, outcomes = read_json(files[0]), read_json(files[1])
+    res, outcomes = read_json(files[0], fields=RESULT_FIELDS), read_json(files[1], fields=dict(val=str, test=str))
     losses = res.pop("losses")                # all of them stay in the run's own results.json
+    if not losses or not all(isinstance(x, (int, float)) for x in losses):
+        raise ValueError(f"{files[0]}: its losses are not a list of numbers (damaged or edited): delete or restore it")
     return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]),
                 reused=reused, outcomes=outcomes, **res)
 

@@ -11,7 +11,7 @@ import nanosteer
 from formats import checkpoints
 from machinery import runtime
 from machinery.checks import check_bounds, check_out_dir, check_set_aside
-from machinery.files import earlier_run
+from machinery.files import RUN_FILES, earlier_run
 from model import GPTConfig, resolve_site
 from tasks import TASKS, byte_encoding, load_jsonl, pack
 
@@ -58,7 +58,7 @@ def check_numbers(config):
 
 def check_files(config, default_init):
     """Files to read exist, the output folder can be written, a resume file is there if asked for."""
-    check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init)
+    check_out_dir(config.out_dir, None if config.mode == "pretrain" else config.init, files=RUN_FILES)
     if config.resume and not os.path.isfile(os.path.join(config.out_dir, "resume.pt")):
         raise ValueError(f"--resume: there is no {os.path.join(config.out_dir, 'resume.pt')}; start the run without --resume")
     if config.resume:

@@ -20,12 +20,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def check_out_dir(out_dir, init=None, flag="--out-dir"):
-    """An output folder must be a folder we can write (it may not exist yet), and not the folder of
-    the checkpoint the run starts from (a run's files there could replace or be mistaken for it).
-    Every script checks its output folder here, before any work."""
+def check_out_dir(out_dir, init=None, flag="--out-dir", files=()):
+    """An output folder must be a folder we can write (it may not exist yet), where none of the
+    files the script writes is a folder, and not the folder of the checkpoint the run starts from
+    (a run's files there could replace or be mistaken for it). Every script checks its output
+    folder here, before any work."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{flag} {out_dir} is a file, not a folder: give a folder")
+    folders = [name for name in files if os.path.isdir(os.path.join(out_dir, name))]
+    if folders:
+        raise ValueError(f"{flag} {out_dir}: its {folders[0]} is a folder, where the script writes a file: "
+                         f"move it away, or choose another {flag}")
     existing = out_dir
     while not os.path.exists(existing):                 # the nearest folder that exists must be writable
         existing = os.path.dirname(existing) or "."

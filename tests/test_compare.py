@@ -330,6 +330,19 @@ def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tm
     assert rows["base"]["listops"] == (0.0, 0.0) and 0.0 < rows["majority"]["listops"][0] < 0.2
 
 
+@pytest.mark.parametrize("damage", [lambda r: r.pop("losses"), lambda r: r.update(losses=["x"]),
+                                    lambda r: r.update(accuracy="high"), lambda r: r.clear()])
+def test_a_rerun_after_a_runs_results_lost_their_fields_is_one_line(tmp_path, monkeypatch, tiny_base, damage):
+    stubbed(tmp_path, monkeypatch, tiny_base, "--methods", "full")
+    path = next((tmp_path / "out" / "runs").glob("listops-full-*-seed0")) / "results.json"
+    results = json.loads(path.read_text())
+    damage(results)
+    path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=rf"^{path}: its \S+ (is missing|are not)") as e:
+        stubbed(tmp_path, monkeypatch, tiny_base, "--methods", "full")
+    assert "\n" not in str(e.value) and "delete or restore it" in str(e.value)
+
+
 def test_a_subset_of_methods_reuses_its_runs_in_the_whole_table(tmp_path, monkeypatch, tiny_base):
     rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base,
                                          "--methods", "full,linear_block_out")

@@ -70,6 +70,25 @@ def bpe_encoding(name, vocab, merges, special, pat_str):
     return enc
 
 
+def check_gguf_fields(f, name):
+    """The tokenizer.* metadata of a GGUF file of the types its reader needs: a string a token, one
+    whole-number type a token, merges "a b", a token id, true or false, a template string."""
+    tokens, types = f["tokenizer.ggml.tokens"], f.get("tokenizer.ggml.token_type")
+    merges = f.get("tokenizer.ggml.merges", [])
+    fields = {"tokenizer.ggml.tokens": isinstance(tokens, list) and all(isinstance(t, str) for t in tokens),
+              "tokenizer.ggml.token_type": isinstance(types, list) and isinstance(tokens, list)
+              and len(types) == len(tokens) and all(type(t) is int for t in types),
+              "tokenizer.ggml.merges": isinstance(merges, list) and all(map(is_merge, merges)),
+              "tokenizer.ggml.eos_token_id": f.get("tokenizer.ggml.eos_token_id") is None
+              or is_id(f["tokenizer.ggml.eos_token_id"]),
+              "tokenizer.chat_template": isinstance(f.get("tokenizer.chat_template", ""), str)}
+    fields.update({k: isinstance(f.get(k, False), bool) for k in ("tokenizer.ggml.add_bos_token",
+                                                                  "tokenizer.ggml.add_space_prefix")})
+    bad = [field for field, ok in fields.items() if not ok]
+    if bad:
+        raise ValueError(f"{name}: {bad[0]} is missing or malformed: the file is damaged")
+
+
 def tokenizer_from_gguf(reader, name):
     """GGUF metadata: every token (type 1 normal, 3 control, 4 user-defined), the merges, the
     pre-tokenizer's name, the end-of-turn token and the chat template."""
@@ -81,15 +100,14 @@ def tokenizer_from_gguf(reader, name):
                          "is unknown; re-convert it with a recent llama.cpp")
     if f.get("tokenizer.ggml.model") != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
         raise unsupported(name, "tokenizer.ggml.model/pre", f"{f.get('tokenizer.ggml.model')}/{f['tokenizer.ggml.pre']}")
-    if len(f.get("tokenizer.ggml.token_type", [])) != len(f["tokenizer.ggml.tokens"]):
-        raise ValueError(f"{name}: tokenizer.ggml.token_type is missing or not one type per token: the file is damaged")
+    check_gguf_fields(f, name)
     for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
         if f.get(field):
             raise unsupported(name, field, f[field])
     tokens = list(zip(f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]))
     vocab = {t: i for i, (t, kind) in enumerate(tokens) if kind == 1}
     special = {t: i for i, (t, kind) in enumerate(tokens) if kind in (3, 4)}
-    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]
+    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]    # each "a b" (checked)
     split = DIGITS_SPLIT if f["tokenizer.ggml.pre"] == "smollm" else GPT2_SPLIT
     enc = bpe_encoding(name, vocab, merges, special, split)
     eos = f.get("tokenizer.ggml.eos_token_id")
@@ -98,18 +116,47 @@ def tokenizer_from_gguf(reader, name):
     return enc
 
 
+def is_merge(m):
+    """One entry of tokenizer.json's merges: "a b", or ["a", "b"] (newer files)."""
+    pair = m.split(" ") if isinstance(m, str) else m
+    return isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)
+
+
+def is_id(i):
+    """A token id: a whole number that tiktoken can hold (no bool: JSON's true is not 1)."""
+    return type(i) is int and 0 <= i < 2 ** 31
+
+
+def check_parts(tok, path):
+    """Every part of tokenizer.json our reader reads, of the type it needs, before it is read."""
+    model, added = tok.get("model"), tok.get("added_tokens", [])
+    parts = {"model": isinstance(model, dict),
+             "model.vocab": isinstance(model, dict) and isinstance(model.get("vocab"), dict)
+             and all(map(is_id, model["vocab"].values())),
+             "model.merges": isinstance(model, dict) and isinstance(model.get("merges"), list)
+             and all(map(is_merge, model["merges"])),
+             "added_tokens": isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                             and is_id(t.get("id")) for t in added)}
+    for name, inner in (("normalizer", None), ("post_processor", "processors"), ("pre_tokenizer", "pretokenizers")):
+        value = tok.get(name) or {}
+        listed = value.get(inner, [value]) if isinstance(value, dict) and inner else [value]
+        parts[name] = isinstance(listed, list) and all(isinstance(p, dict) for p in listed) and listed != []
+    bad = [name for name, ok in parts.items() if not ok]
+    if bad:
+        raise ValueError(f"{path}: its {bad[0]} is missing or malformed: the file is damaged or not a BPE tokenizer")
+
+
 def check_tokenizer_json(tok, path):
     """Refuse every setting of tokenizer.json that our Encoding would not reproduce."""
-    model = tok.get("model")
-    if not (isinstance(model, dict) and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)):
-        raise ValueError(f"{path}: its model must be an object with a vocab object and a merges list: the file is damaged")
+    check_parts(tok, path)
+    model = tok["model"]
     if model.get("type") != "BPE":
         raise unsupported(path, "model.type", model.get("type"))
     for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
         if model.get(field):
             raise unsupported(path, f"model.{field}", model[field])
     if tok.get("normalizer"):
-        raise unsupported(path, "normalizer", tok["normalizer"].get("type"))
+        raise unsupported(path, "normalizer", tok["normalizer"].get("type", tok["normalizer"]))
     post = tok.get("post_processor") or {"type": "ByteLevel"}      # ByteLevel: offsets only, no ids
     for part in post.get("processors", [post]):
         if part.get("type") != "ByteLevel":

@@ -75,7 +75,8 @@ def can_write_in(folder):
         return False
 
 
-MAX_LAYERS = 1024
+MOST = dict(n_layer=1024, n_head=4096, n_kv_head=4096, n_embd=65_536, mlp_width=1_048_576, vocab_size=16_777_216,
+            block_size=16_777_216)            # each field's largest value (published LMs: under a tenth of it)
 
 
 def check_config(config):
@@ -86,9 +87,10 @@ def check_config(config):
         value = getattr(config, field)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"config {field}={value!r}: it must be a whole number >= {least}")
-    if config.n_layer > MAX_LAYERS:
-        raise ValueError(f"config n_layer={config.n_layer}: at most {MAX_LAYERS} (published LMs have under "
-                         "200 blocks; a config with more is damaged, and building it would take minutes)")
+    for field, most in MOST.items():
+        if getattr(config, field) > most:
+            raise ValueError(f"config {field}={getattr(config, field)}: at most {most:,} (far past any published "
+                             "model: the config is damaged, and building it would take minutes or overflow)")
     for field, where in (("dropout", "in [0, 1)"), ("norm_eps", "> 0"), ("rope_theta", "> 0")):
         value = getattr(config, field)
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)

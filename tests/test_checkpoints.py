@@ -613,15 +613,17 @@ def test_a_config_of_a_million_layers_is_refused_before_anything_is_built(tmp_pa
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["n_layer"] = 10 ** 6
     torch.save(ckpt, path)
-    one_line_error("n_layer=1000000: at most 1024", load, path)
+    one_line_error("n_layer=1000000: at most 1,024", load, path)
 
 
-def test_a_checkpoint_whose_shapes_ask_for_terabytes_is_refused_before_allocating(tmp_path):
+def test_a_checkpoint_whose_config_asks_for_terabytes_is_refused_before_allocating(tmp_path):
     path = edited_checkpoint(tmp_path, lambda sd: None)
     ckpt = torch.load(path, weights_only=True)
-    ckpt["config"]["vocab_size"] = 10 ** 12                          # 10^12 x 32 floats: 128 TB
-    torch.save(ckpt, path)
-    one_line_error("does not match its own config: transformer.wte.weight has shape", load, path)
+    for vocab, match in ((10 ** 12, "vocab_size=1000000000000: at most"),      # 10^12 x 32 floats: 128 TB
+                         (16_000_000, "does not match its own config: transformer.wte.weight has shape")):  # 2 GB
+        ckpt["config"]["vocab_size"] = vocab
+        torch.save(ckpt, path)
+        one_line_error(match, load, path)
 
 
 def test_gpt_load_of_a_fifo_refuses_instead_of_waiting(tmp_path):

@@ -46,14 +46,14 @@ def safetensors_header(path, f):
     size = os.fstat(f.fileno()).st_size
     length = int.from_bytes(f.read(8), "little")
     if size < 8 or length > min(MAX_HEADER, size - 8):
-        raise ValueError(f"{path}: its header length {length} exceeds the file ({size} bytes) or 100 MB: "
-                         "the file is truncated or not safetensors")
+        raise ValueError(f"{path} is not a safetensors file, or is truncated: its header length {length} "
+                         f"exceeds the file ({size} bytes) or 100 MB")
     try:
         header = json.loads(f.read(length))
     except (UnicodeDecodeError, ValueError, RecursionError):
         header = None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: its header is not a JSON object: the file is damaged or not safetensors")
+        raise ValueError(f"{path} is not a safetensors file, or is damaged: its header is not a JSON object")
     data_size = size - 8 - length
     for name, info in header.items():
         if name == "__metadata__":

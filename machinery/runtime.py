@@ -6,7 +6,6 @@ processes under torchrun (PyTorch's DDP), Ctrl-C, resume files, and the check of
 import math
 import os
 import signal
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -57,11 +56,12 @@ def slow_dtype_note(dtype, device):
 
 
 def warn_if_slow(config):
-    """Before any work: slow_dtype_note on stderr, once (rank 0 under torchrun), if it applies."""
+    """Before any work: slow_dtype_note, once (rank 0 under torchrun), if it applies. On stdout, with
+    the run's other lines (stderr keeps an error to its one line; compare.py logs its runs' stdout)."""
     device = pick_device(config.device)
     note = slow_dtype_note(pick_dtype(config.dtype, device), device)
     if note and os.environ.get("RANK", "0") == "0":
-        print(note, file=sys.stderr)
+        print(note, flush=True)
 
 
 def pick_dtype(name, device):

@@ -230,8 +230,8 @@ def test_bf16_on_a_cpu_without_it_is_said_at_the_start_and_bf16_is_accepted(tmp_
     assert args.dtype == "bfloat16"
     with pytest.raises(ValueError, match="the runs would start here"):
         compare.main(args)
-    err = capsys.readouterr().err
-    assert err.startswith("warning: this CPU has no native bf16") and "--dtype float32 is faster" in err
+    out = capsys.readouterr().out
+    assert "\nwarning: this CPU has no native bf16" in out and "--dtype float32 is faster" in out
 
 
 def test_default_output_folders_differ_per_checkpoint(tmp_path, tiny_base):

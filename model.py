@@ -312,7 +312,7 @@ class GPT(nn.Module):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
         except Exception as e:  # a file that is not a torch checkpoint fails in many different ways
             raise ValueError(f"{path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("config", "model"))):
             raise ValueError(f"{path} is not a nanosteer model checkpoint (no config/model)")
         try:
             config = GPTConfig(**ckpt["config"])

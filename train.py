@@ -100,8 +100,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", type=runtime.dtype_name, choices=["auto", "float32", "bfloat16"],
-                   help="number format of the passes (weights stay float32; bf16, fp32 also). auto: bf16 autocast on "
-                   "CUDA, float32 on a CPU (bfloat16 runs faster on a CPU with native bf16, but changed SmolLM2's accuracy)")
+                   help="number format of the passes, also as bf16, fp32 (weights stay float32). auto: bf16 autocast on CUDA, "
+                   "float32 on a CPU (bf16 is faster with native bf16, but moved SmolLM2's accuracy: RESULTS.md)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
     g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")

@@ -99,7 +99,8 @@ def tokenizer_from_gguf(reader, name):
         raise ValueError(f"{name}: tokenizer.ggml.pre is missing, so how its text is split before BPE "
                          "is unknown; re-convert it with a recent llama.cpp")
     if f.get("tokenizer.ggml.model") != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
-        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f.get('tokenizer.ggml.model')}/{f['tokenizer.ggml.pre']}")
+        raise unsupported(name, "tokenizer.ggml.model/pre",
+                          f"{f.get('tokenizer.ggml.model')}/{f['tokenizer.ggml.pre']}")
     check_gguf_fields(f, name)
     for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
         if f.get(field):

@@ -68,7 +68,8 @@ def gpt2_config(hf, source):
 def rope_settings(hf, source):
     """The rotary settings as transformers ≥ 5 reads them (PreTrainedConfig.convert_rope_params_to_dict):
     rope_scaling, when given, wins over rope_parameters; inside the one chosen, its rope_theta and
-    partial_rotary_factor win over the top-level fields of the same names. -> (kind, θ, partial)"""
+    partial_rotary_factor win over the top-level fields of the same names. -> θ; scaled or partial
+    rotary is refused."""
     rope = need(hf, "rope_scaling", "table", source, None) or need(hf, "rope_parameters", "table", source, {})
     kind = need(rope, "rope_type", "text", source, None) or need(rope, "type", "text", source, "default")
     theta = need(rope, "rope_theta", "positive", source, None) or need(hf, "rope_theta", "positive", source, 1e4)
@@ -96,8 +97,9 @@ def llama_config(hf, source):
     counts = {ours: need(hf, key, "count", source) for ours, key in (
         ("block_size", "max_position_embeddings"), ("vocab_size", "vocab_size"),
         ("n_layer", "num_hidden_layers"), ("mlp_width", "intermediate_size"))}
-    return GPTConfig(**counts, n_head=heads, n_embd=width, n_kv_head=need(hf, "num_key_value_heads", "count", source, 0),
-                     norm_eps=need(hf, "rms_norm_eps", "positive", source), rope_theta=theta,
+    return GPTConfig(**counts, n_head=heads, n_embd=width, rope_theta=theta,
+                     n_kv_head=need(hf, "num_key_value_heads", "count", source, 0),
+                     norm_eps=need(hf, "rms_norm_eps", "positive", source),
                      tie_embeddings=need(hf, "tie_word_embeddings", "flag", source, False),
                      **LLAMA)
 

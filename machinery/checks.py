@@ -62,8 +62,8 @@ def check_set_aside(out_dir, flag="--out-dir"):
     real, here = os.path.realpath(out_dir), os.path.realpath(os.getcwd())
     parent = os.path.dirname(os.path.abspath(os.path.normpath(out_dir)))
     if here == real or here.startswith(real + os.sep) or os.path.ismount(real) or not can_write_in(parent):
-        raise ValueError(f"{flag} {out_dir} holds an earlier run, which a new run moves aside first, but this "
-                         f"folder cannot be moved (the current folder, a mount point or read-only): choose another {flag}")
+        raise ValueError(f"{flag} {out_dir} holds an earlier run, which a new run moves aside first, but this folder "
+                         f"cannot be moved (the current folder, a mount point or read-only): choose another {flag}")
 
 
 def can_write_in(folder):

@@ -49,10 +49,11 @@ def holds(folder, path):
     real, inside = os.path.realpath(path), os.path.realpath(folder)
     if real == inside or real.startswith(inside + os.sep):
         return True
-    if not os.path.isdir(folder):
+    try:
+        with os.scandir(folder) as entries:      # the files a run writes or replaces: folder's own
+            return any(e.is_file() and os.path.samefile(e.path, path) for e in entries)
+    except OSError:                              # no such folder (yet), or one we cannot list
         return False
-    with os.scandir(folder) as entries:          # the files a run writes or replaces: folder's own
-        return any(e.is_file() and os.path.samefile(e.path, path) for e in entries)
 
 
 def check_set_aside(out_dir, flag="--out-dir"):

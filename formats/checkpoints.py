@@ -223,8 +223,9 @@ def load(name_or_path):
         hf_config(name_or_path)                              # config and tokenizer are checked
         enc = tokenizer_from_json(name_or_path)              # before any weight is read
         return load_hf_dir(name_or_path), enc
-    if not os.path.isfile(name_or_path):
-        raise ValueError(f"{name_or_path} does not exist: give a checkpoint file, a Hugging Face directory, "
+    if not os.path.isfile(name_or_path):                     # missing, or a FIFO or device: never read
+        what = "is not a regular file" if os.path.exists(name_or_path) else "does not exist"
+        raise ValueError(f"{name_or_path} {what}: give a checkpoint file, a Hugging Face directory, "
                          f"a .gguf file, {SMOLLM2} or one of {', '.join(GPT2_NAMES)}")
     if is_gguf(name_or_path):
         return load_gguf(name_or_path, name_or_path)

@@ -631,6 +631,7 @@ def test_gpt_load_of_a_fifo_refuses_instead_of_waiting(tmp_path):
     fifo = str(tmp_path / "pipe.pt")
     os.mkfifo(fifo)
     one_line_error("is not a regular file", GPT.load, fifo)
+    one_line_error("is not a regular file", load, fifo)
 
 
 def test_a_bin_of_something_else_than_named_tensors_is_one_line(tmp_path):

@@ -6,6 +6,9 @@ shifts (§6); the joint constraint (§7); folding (§8). main() prints a row per
 sanity, measured | measured | predicted | diff | tol | ok; exit 1 if a theorem or sanity row fails,
 2 on a bad argument), writes equivalence.json and 3 figures (machinery/figures.py draws them).
 `--init smollm2-135m`: a real LM."""
+from machinery.interrupt import one_line_on_ctrl_c   # first: Ctrl-C while torch loads is one line too
+if __name__ == "__main__":
+    one_line_on_ctrl_c("equivalence.py")
 import copy
 import os
 import sys

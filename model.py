@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machinery.checks import check_config
+from machinery.checks import check_config, check_names_and_shapes, exact_dtype, regular_file
 from machinery.files import save_torch, write_atomically
 
 # The places inside a block where a shift can be added, in the order the data flows through them,
@@ -351,21 +351,24 @@ class GPT(nn.Module):
     def load(cls, path):
         """Our own checkpoint, written by GPT.save (other people's: formats/checkpoints.py). Returns the
         model; its tokenizer's name is in model.tokenizer_name (checkpoints.load makes the tokenizer)."""
+        regular_file(path)                    # a FIFO or a device would block torch.load
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no code runs
         except Exception as e:  # a file that is not a torch checkpoint fails in many different ways
             raise ValueError(f"{path} is not a nanosteer model checkpoint ({type(e).__name__})") from None
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("config", "model"))):
             raise ValueError(f"{path} is not a nanosteer model checkpoint (no config/model)")
         try:
-            model = cls(GPTConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, RuntimeError, ValueError) as e:  # a bad config; tensors of other shapes
-            detail = str(e).strip().splitlines()[-1].strip()
-            raise ValueError(f"{path} does not match its own config: {detail}") from None
-        bad = [name for name, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinity: the checkpoint is damaged")
+            config = GPTConfig(**ckpt["config"])
+        except (TypeError, ValueError) as e:  # a field we do not know, or out of its range
+            raise ValueError(f"{path} does not match its own config: {e}") from None
+        state, dtype = ckpt["model"], exact_dtype(ckpt["model"], path)   # float64 stays float64, never rounded
+        with torch.device("meta"):                    # the names and shapes it must hold, no memory spent
+            check_names_and_shapes(state, cls(config).state_dict(), f"{path} does not match its own config")
+        if config.tie_embeddings and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+            raise ValueError(f"{path}: its config ties lm_head to wte, but it holds two different tensors: damaged")
+        model = cls(config).to(dtype)
+        model.load_state_dict(state)
         model.tokenizer_name = ckpt.get("tokenizer", "bytes")  # no field: the built-in byte tokenizer
         if not isinstance(model.tokenizer_name, str):
             raise ValueError(f"{path}: its tokenizer field is not a name ({type(model.tokenizer_name).__name__})")

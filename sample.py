@@ -13,6 +13,9 @@ at the model's own end of text or end of turn (<|endoftext|>, and e.g. <|im_end|
 0 is greedy decoding; otherwise a token is drawn from softmax(logits / temperature), among the
 --top-k most likely ones only when given. Prompt and continuation must fit the model's context.
 """
+from machinery.interrupt import one_line_on_ctrl_c   # first: Ctrl-C while torch loads is one line too
+if __name__ == "__main__":
+    one_line_on_ctrl_c("sample.py")
 import codecs
 import math
 import os
@@ -23,7 +26,7 @@ import torch
 
 from formats import adapters, chat, checkpoints
 from machinery import runtime
-from machinery.checks import OneLineParser, check_generation
+from machinery.checks import OneLineParser, check_bounds, check_generation
 from train import BASE_CHECKPOINT
 
 
@@ -46,6 +49,7 @@ def parse_args(argv=None):
                          f"{args.max_new_tokens} and {args.temperature}")
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    check_bounds(dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, seed=args.seed))
     if args.top_k is not None and args.top_k <= 0:
         raise ValueError(f"--top-k must be positive (or left out: all tokens), got {args.top_k}")
     if args.adapters is not None and not os.path.isfile(args.adapters):

@@ -152,7 +152,7 @@ def load_jsonl(path, seed):
             try:
                 row = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))  # a BOM may open line 1
                 good = isinstance(row["prompt"], str) and row["prompt"] != "" and isinstance(row["completion"], str)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):   # (brackets nested too deep)
                 good = False
             if not good:
                 raise ValueError(f"{path} line {n}: expected a UTF-8 JSON object with string fields "

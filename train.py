@@ -13,6 +13,9 @@ the trained tensors into --out-dir, together, only when the run has finished wit
 Read it top to bottom: the arguments, the model, the loop a student reads (train_steps, the heart
 of the file), the run around it. Devices, bf16, torchrun, Ctrl-C and resume files live in machinery/runtime.py (a first read skips it).
 """
+from machinery.interrupt import one_line_on_ctrl_c   # first: Ctrl-C while torch loads is one line too
+if __name__ == "__main__":
+    one_line_on_ctrl_c("train.py")
 import argparse
 import math
 import os
@@ -96,9 +99,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=None, help="print a log line every k steps (default 50, 10 on a pretrained LM)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="number format "
-                   "of the passes (weights stay float32). auto: bf16 autocast on CUDA, float32 on a CPU (bfloat16 "
-                   "runs faster on a CPU with native bf16, but changed SmolLM2's accuracy: RESULTS.md)")
+    g.add_argument("--dtype", default="auto", type=runtime.dtype_name, choices=["auto", "float32", "bfloat16"],
+                   help="number format of the passes, also as bf16, fp32 (weights stay float32). auto: bf16 autocast on CUDA, "
+                   "float32 on a CPU (bf16 is faster with native bf16, but moved SmolLM2's accuracy: RESULTS.md)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
     g.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers")
     g.add_argument("--ckpt-every", type=int, default=0, help="write --out-dir/resume.pt every k steps (and on Ctrl-C)")
@@ -239,6 +242,7 @@ def write_resume(config, proc, step, losses, model, optimizer, batches, stopped)
     if proc.rank != 0:
         return
     path = os.path.join(config.out_dir, "resume.pt")
+    runtime.make_room(config.out_dir, proc)                 # an earlier run there moves aside first
     runtime.save_resume(path, config, step + 1, losses, model, optimizer, batches)
     print(f"wrote {path} after step {step}" + ("; stopped (Ctrl-C): the same command with --resume goes on"
                                                 if stopped else ""))
@@ -265,6 +269,7 @@ def prompt_hits(model, x, y, device, autocast, batch_size=50):
 
 def train(config):
     """Pretrain the default base first if this run adapts it and it is missing; then the run."""
+    runtime.warn_if_slow(config)                    # a dtype this CPU runs slowly: said before anything
     if config.mode != "pretrain" and config.init == BASE_CHECKPOINT and not os.path.exists(BASE_CHECKPOINT):
         build_model(config, "cpu", GPT(GPTConfig()))  # fail now, not after pretraining, on bad adapter args
         print(f"no base model at {BASE_CHECKPOINT} (git checkout {os.path.dirname(BASE_CHECKPOINT)} "
@@ -290,7 +295,8 @@ def train_once(config):
     dtype = runtime.pick_dtype(config.dtype, device)
     runner = torch.compile(model) if config.compile else model  # save `model`, the uncompiled one
     proc = argparse.Namespace(device=device, rank=rank, world=world, autocast=runtime.autocast(device, dtype),
-                              trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world))
+                              trainer=DDP(runner) if world > 1 else runner, ctrl_c=runtime.CtrlC(world),
+                              earlier_run=runtime.holds_earlier_run(config))
     optimizer = make_optimizer(model, config)
     params = nanosteer.report(model)
     if rank == 0:                                  # (before --resume loads the trained tensors)
@@ -320,6 +326,7 @@ def train_once(config):
                    trainable_pct=params["pct"], train_seconds=train_seconds, steps=config.steps, device=device,
                    dtype=dtype, processes=world, init=None if config.mode == "pretrain" else config.init,
                    losses=losses)                                 # the training loss of every step
+    runtime.make_room(config.out_dir, proc)                 # an earlier run there moves aside first
     write_outputs(model, enc, config, results, hits)
     print(f"\n{config.task} | {config.mode} | accuracy {base_accuracy:.1%} -> {results['accuracy']:.1%} | trainable "
           f"{params['trainable']:,} params ({params['pct']:.2f}% of {params['base_params']:,}) | {train_seconds:.0f} s")

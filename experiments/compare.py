@@ -23,12 +23,15 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from machinery.interrupt import one_line_on_ctrl_c  # noqa: E402 (first: Ctrl-C while torch loads)
+if __name__ == "__main__":
+    one_line_on_ctrl_c("compare.py", ": run the same command to go on")
+import torch  # noqa: E402
 from formats import checkpoints  # noqa: E402
+from machinery import runtime  # noqa: E402
 import train  # noqa: E402
-from machinery.checks import OneLineParser, check_out_dir as check_folder  # noqa: E402
+from machinery.checks import OneLineParser, check_bounds, check_out_dir as check_folder  # noqa: E402
 from machinery.files import read_json, write_atomically, write_files, write_text  # noqa: E402
 from tasks import make_splits  # noqa: E402
 from experiments import stats  # noqa: E402
@@ -63,6 +66,7 @@ LM_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [5e-4, 1.5e-3, 5e-3], "shift": [3
 # longer run often wants a lower peak); lm-3000 takes lm-1000's winners; the recipe keeps its own
 BUDGET_GRID = {"lm-1000": {"full": [3e-4], "lora": [1.5e-3], "shift": [1e-3, 3e-3], "recipe": [9e-4]},
                "lm-3000": {"full": [3e-4], "lora": [1.5e-3], "shift": [3e-3], "recipe": [9e-4]}}
+RESULT_FIELDS = dict(losses=list, accuracy=float, val_accuracy=float, base_accuracy=float, train_seconds=float)
 STEP_SECONDS = {"bfloat16": 0.92, "float32": 1.42}  # a SmolLM2 steering step, 2 CPU cores: results/smollm2/dtype.txt
 ALL = tuple(name for name in METHODS if name != "recipe_block_out")     # the tables' rows
 IN_CLAIMS = ("full", "lora", "linear_block_out", "reft_mlp_out", "joint")
@@ -97,7 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--batch-size", type=int, help="examples per step")
     p.add_argument("--n-eval", type=int, help="validation and test examples per task (each)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", type=runtime.dtype_name, choices=["auto", "float32", "bfloat16"],
+                   help="train.py's --dtype (bf16, fp32 also)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--out-dir", help="where everything goes (default out/compare-<init>-<budget>)")
     p.add_argument("--force", action="store_true", help="into an --out-dir of another config")
@@ -115,6 +120,7 @@ def parse_args(argv=None):
             args.seeds, args.steps, args.batch_size, args.n_eval) <= 0:
         raise ValueError("--tasks takes listops, arith, boolq; --seeds, --steps, --batch-size, "
                          "--n-eval must be positive")
+    check_bounds(dict(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, n_eval=args.n_eval))
     defaults = train.LM_DEFAULTS["lr"] if args.lm else train.DEFAULT_LR
     one_each = {family: [defaults[family]] for family in NANO_GRID}   # --quick: train.py's rates
     args.grid = one_each if args.quick else BUDGET_GRID.get(args.budget, LM_GRID if args.lm else NANO_GRID)
@@ -139,7 +145,7 @@ def config(args):                            # what makes a table: one config a 
 def check_out_dir(args):
     """--out-dir: a writable folder (or none yet), holding no other configuration's results."""
     out = args.out_dir
-    check_folder(out)
+    check_folder(out, files=("results.json", "results.md", "train.log", "progress.log", "config.json"))
     saved = os.path.join(out, "config.json")
     old = read_json(saved) if os.path.exists(saved) else {}
     changed = [key for key, value in config(args).items() if old.get(key) != value]
@@ -174,8 +180,10 @@ def run(args, name, task, seed, lrs, log):
                 return dict(method=name, task=task, seed=seed, lrs=lrs, reused=False, failed=str(e),
                             val_accuracy=-1, accuracy=0, final_loss=math.inf, train_seconds=0)
         write_atomically(files[2], write_text(json.dumps(argv)))    # last: the run is finished
-    res, outcomes = read_json(files[0]), read_json(files[1])
+    res, outcomes = read_json(files[0], fields=RESULT_FIELDS), read_json(files[1], fields=dict(val=str, test=str))
     losses = res.pop("losses")                # all of them stay in the run's own results.json
+    if not losses or not all(isinstance(x, (int, float)) for x in losses):
+        raise ValueError(f"{files[0]}: its losses are not a list of numbers (damaged or edited): delete or restore it")
     return dict(method=name, lrs=lrs, argv=argv, final_loss=statistics.mean(losses[-20:]),
                 reused=reused, outcomes=outcomes, **res)
 
@@ -252,9 +260,11 @@ def main(args):
     print(f"{len(args.methods)} methods x {len(args.tasks)} tasks, {args.steps} steps of batch "
           f"{args.batch_size}, budget {args.budget}: {plan} runs, more if a grid grows, "
           f"{on_disk} finished before; into {args.out_dir}", flush=True)
+    runtime.warn_if_slow(args)                         # bf16 on a CPU without it: said now, not in hours
     if args.lm and args.device in ("auto", "cpu") and not torch.cuda.is_available():
         to_train = max(0, plan - on_disk)              # a grown grid's runs are not in the plan
-        hours = {d: to_train * args.steps * STEP_SECONDS[d] / 3600 for d in STEP_SECONDS}
+        seconds = STEP_SECONDS if runtime.cpu_has_native_bf16() else {"float32": STEP_SECONDS["float32"]}
+        hours = {d: to_train * args.steps * seconds[d] / 3600 for d in seconds}      # (bf16's: measured with it)
         print("training alone: about " + " or ".join(f"{h:.1f} h in {d}" for d, h in hours.items())
               + " (a steering step's time; full FT's slower steps and evaluation add)", flush=True)
     progress = stats.Progress(plan, os.path.join(args.out_dir, "progress.log"), on_disk)

@@ -1,7 +1,8 @@
 """
 formats/adapters.py: adapter files. The adapters of a model (its shifts and LoRA factors, nanosteer.py)
 with what is needed to rebuild them, and nothing of the base model: kilobytes where the model is
-megabytes. A file is checked as a whole before the model changes. A first read skips this file.
+megabytes. A file is checked as a whole before the model changes, its base by a sha256 of every base
+weight (a file of format 2 by the 8 entries a tensor it recorded). A first read skips this file.
 
     adapters.save(model, "out/x/adapters.pt")
     adapters.load(base_model, "out/x/adapters.pt")    # the same model as after training
@@ -17,13 +18,33 @@ from nanosteer import (LoRALinear, adapter_parameters, attach, linear_layers, lo
                        shift_plan)
 
 
-FORMAT = "nanosteer-adapters-2"         # 2: the file records its base weights' fingerprint
-OLD_FORMAT = "nanosteer-adapters-1"     # no fingerprint: loads only with any_base=True
+FORMAT = "nanosteer-adapters-3"         # 3: the file records a sha256 of every base weight
+OLD_FORMATS = {"nanosteer-adapters-2": "a fingerprint of 8 entries a tensor",   # still checked so
+               "nanosteer-adapters-1": "no fingerprint"}                          # (1: any_base=True)
 
 
-def base_fingerprint(model):
-    """A cheap fingerprint of the base weights: 8 evenly spaced entries of every tensor (adapters
-    left out), rounded to bfloat16 so float32/float64/bfloat16 copies of one base agree, hashed."""
+def base_digest(model, rounded=False):
+    """sha256 of every base weight (adapters left out), name, shape and value: each value as a
+    float32 (so float32, float64 and bfloat16 copies of one base agree), a float64 tensor as
+    float64 where float32 cannot hold its values; rounded=True: every value rounded to bfloat16
+    (the digest a bfloat16 copy of the base is checked by)."""
+    adapters, digest = adapter_parameters(model), hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name in adapters:
+            continue
+        t = tensor.detach().cpu().reshape(-1)
+        if rounded:
+            t = t.to(torch.bfloat16)
+        elif not (t.dtype == torch.float64 and not torch.equal(t.float().double(), t)):
+            t = t.float()
+        digest.update(f"{name} {tuple(tensor.shape)} {t.dtype};".encode())
+        digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sampled_fingerprint(model):
+    """Format 2's fingerprint: 8 evenly spaced entries of every tensor, rounded to bfloat16, hashed.
+    Kept to check the files it is in; it misses a base that differs elsewhere (format 3 does not)."""
     adapters, digest = adapter_parameters(model), hashlib.sha256()
     for name, tensor in model.state_dict().items():
         if name not in adapters and tensor.numel() > 0:
@@ -32,6 +53,19 @@ def base_fingerprint(model):
             sample = flat[picks.to(flat.device)].to(torch.bfloat16).float().cpu()
             digest.update(name.encode() + sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def same_base(model, payload):
+    """Is the model the base the file was made on? Format 3: every weight the same; a model held
+    in bfloat16: every weight the same once the file's base is rounded to bfloat16 too."""
+    if payload["format"] == "nanosteer-adapters-2":
+        return payload.get("base_fingerprint") == sampled_fingerprint(model)
+    if payload["format"] != FORMAT:
+        return False
+    if payload.get("base_sha256") == base_digest(model):
+        return True
+    held_in_bf16 = any(t.dtype == torch.bfloat16 for t in model.parameters())
+    return held_in_bf16 and payload.get("base_sha256_bf16") == base_digest(model, rounded=True)
 
 
 def save(model, path):
@@ -47,7 +81,7 @@ def save(model, path):
     spec += [dict(layer=layer, site=path, kind="lora", rank=child.rank, alpha=child.alpha)
              for layer, path, _, _, child in linear_layers(model) if isinstance(child, LoRALinear)]
     payload = dict(format=FORMAT, base_config=asdict(model.config), adapters=spec,
-                   base_fingerprint=base_fingerprint(model),
+                   base_sha256=base_digest(model), base_sha256_bf16=base_digest(model, rounded=True),
                    tensors={k: p.detach().cpu() for k, p in adapter_parameters(model).items()})
     try:
         write_atomically(path, lambda tmp: save_torch(payload, tmp))
@@ -65,7 +99,7 @@ def read_adapter_file(path):
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, a pickle of code: all the same to the user
         raise ValueError(f"{path} is not a nanosteer adapter file ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, OLD_FORMAT):
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *OLD_FORMATS):
         raise ValueError(f"{path} is not a nanosteer adapter file (format {FORMAT} expected)")
     for field, kind in dict(base_config=dict, adapters=list, tensors=dict).items():
         if not isinstance(payload.get(field), kind):
@@ -81,8 +115,9 @@ def check_base(model, payload, path, any_base):
         if ours.get(key) != theirs.get(key):
             raise ValueError(f"{path} was made for a model with {key}={theirs.get(key)}, "
                              f"this model has {key}={ours.get(key)}")
-    if not any_base and payload.get("base_fingerprint") != base_fingerprint(model):
-        raise ValueError(f"{path} was made on other base weights (same config, other fingerprint):"
+    if not any_base and not same_base(model, payload):
+        old = f" ({payload['format']}: {OLD_FORMATS[payload['format']]})" if payload["format"] in OLD_FORMATS else ""
+        raise ValueError(f"{path} was made on other base weights{old} (same config, other weights):"
                          " load it onto the model it was trained on, or pass any_base=True")
 
 

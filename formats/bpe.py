@@ -9,7 +9,6 @@ enc.stop_tokens lists the ids that end the model's turn and enc.chat_template is
 (or None). A tokenizer setting the Encoding would not reproduce exactly is refused in one line
 that names it. formats/checkpoints.py builds one for each checkpoint it loads.
 """
-import json
 import os
 
 import tiktoken
@@ -71,6 +70,25 @@ def bpe_encoding(name, vocab, merges, special, pat_str):
     return enc
 
 
+def check_gguf_fields(f, name):
+    """The tokenizer.* metadata of a GGUF file of the types its reader needs: a string a token, one
+    whole-number type a token, merges "a b", a token id, true or false, a template string."""
+    tokens, types = f["tokenizer.ggml.tokens"], f.get("tokenizer.ggml.token_type")
+    merges = f.get("tokenizer.ggml.merges", [])
+    fields = {"tokenizer.ggml.tokens": isinstance(tokens, list) and all(isinstance(t, str) for t in tokens),
+              "tokenizer.ggml.token_type": isinstance(types, list) and isinstance(tokens, list)
+              and len(types) == len(tokens) and all(type(t) is int for t in types),
+              "tokenizer.ggml.merges": isinstance(merges, list) and all(map(is_merge, merges)),
+              "tokenizer.ggml.eos_token_id": f.get("tokenizer.ggml.eos_token_id") is None
+              or is_id(f["tokenizer.ggml.eos_token_id"]),
+              "tokenizer.chat_template": isinstance(f.get("tokenizer.chat_template", ""), str)}
+    fields.update({k: isinstance(f.get(k, False), bool) for k in ("tokenizer.ggml.add_bos_token",
+                                                                  "tokenizer.ggml.add_space_prefix")})
+    bad = [field for field, ok in fields.items() if not ok]
+    if bad:
+        raise ValueError(f"{name}: {bad[0]} is missing or malformed: the file is damaged")
+
+
 def tokenizer_from_gguf(reader, name):
     """GGUF metadata: every token (type 1 normal, 3 control, 4 user-defined), the merges, the
     pre-tokenizer's name, the end-of-turn token and the chat template."""
@@ -80,15 +98,17 @@ def tokenizer_from_gguf(reader, name):
     if "tokenizer.ggml.pre" not in f:
         raise ValueError(f"{name}: tokenizer.ggml.pre is missing, so how its text is split before BPE "
                          "is unknown; re-convert it with a recent llama.cpp")
-    if f["tokenizer.ggml.model"] != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
-        raise unsupported(name, "tokenizer.ggml.model/pre", f"{f['tokenizer.ggml.model']}/{f['tokenizer.ggml.pre']}")
+    if f.get("tokenizer.ggml.model") != "gpt2" or f["tokenizer.ggml.pre"] not in ("gpt2", "smollm"):
+        raise unsupported(name, "tokenizer.ggml.model/pre",
+                          f"{f.get('tokenizer.ggml.model')}/{f['tokenizer.ggml.pre']}")
+    check_gguf_fields(f, name)
     for field in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
         if f.get(field):
             raise unsupported(name, field, f[field])
     tokens = list(zip(f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]))
     vocab = {t: i for i, (t, kind) in enumerate(tokens) if kind == 1}
     special = {t: i for i, (t, kind) in enumerate(tokens) if kind in (3, 4)}
-    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]
+    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", [])]    # each "a b" (checked)
     split = DIGITS_SPLIT if f["tokenizer.ggml.pre"] == "smollm" else GPT2_SPLIT
     enc = bpe_encoding(name, vocab, merges, special, split)
     eos = f.get("tokenizer.ggml.eos_token_id")
@@ -97,8 +117,39 @@ def tokenizer_from_gguf(reader, name):
     return enc
 
 
+def is_merge(m):
+    """One entry of tokenizer.json's merges: "a b", or ["a", "b"] (newer files)."""
+    pair = m.split(" ") if isinstance(m, str) else m
+    return isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)
+
+
+def is_id(i):
+    """A token id: a whole number that tiktoken can hold (no bool: JSON's true is not 1)."""
+    return type(i) is int and 0 <= i < 2 ** 31
+
+
+def check_parts(tok, path):
+    """Every part of tokenizer.json our reader reads, of the type it needs, before it is read."""
+    model, added = tok.get("model"), tok.get("added_tokens", [])
+    parts = {"model": isinstance(model, dict),
+             "model.vocab": isinstance(model, dict) and isinstance(model.get("vocab"), dict)
+             and all(map(is_id, model["vocab"].values())),
+             "model.merges": isinstance(model, dict) and isinstance(model.get("merges"), list)
+             and all(map(is_merge, model["merges"])),
+             "added_tokens": isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                             and is_id(t.get("id")) for t in added)}
+    for name, inner in (("normalizer", None), ("post_processor", "processors"), ("pre_tokenizer", "pretokenizers")):
+        value = tok.get(name) or {}
+        listed = value.get(inner, [value]) if isinstance(value, dict) and inner else [value]
+        parts[name] = isinstance(listed, list) and all(isinstance(p, dict) for p in listed) and listed != []
+    bad = [name for name, ok in parts.items() if not ok]
+    if bad:
+        raise ValueError(f"{path}: its {bad[0]} is missing or malformed: the file is damaged or not a BPE tokenizer")
+
+
 def check_tokenizer_json(tok, path):
     """Refuse every setting of tokenizer.json that our Encoding would not reproduce."""
+    check_parts(tok, path)
     model = tok["model"]
     if model.get("type") != "BPE":
         raise unsupported(path, "model.type", model.get("type"))
@@ -106,7 +157,7 @@ def check_tokenizer_json(tok, path):
         if model.get(field):
             raise unsupported(path, f"model.{field}", model[field])
     if tok.get("normalizer"):
-        raise unsupported(path, "normalizer", tok["normalizer"].get("type"))
+        raise unsupported(path, "normalizer", tok["normalizer"].get("type", tok["normalizer"]))
     post = tok.get("post_processor") or {"type": "ByteLevel"}      # ByteLevel: offsets only, no ids
     for part in post.get("processors", [post]):
         if part.get("type") != "ByteLevel":
@@ -133,8 +184,7 @@ def tokenizer_from_json(folder):
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no tokenizer.json: nanosteer needs the model's own tokenizer")
-    with open(path) as f:
-        tok = json.load(f)
+    tok = read_json(path)
     kinds = check_tokenizer_json(tok, path)
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in special}

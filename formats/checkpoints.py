@@ -14,12 +14,16 @@ never loaded wrong.
 """
 import importlib.util
 import os
+import re
 import urllib.request
+from dataclasses import replace
 
 import torch
 
 from formats.bpe import tokenizer_from_gguf, tokenizer_from_json
-from formats.tensor_files import is_gguf, read_gguf, read_json, read_weights, unsupported
+from formats.configs import LLAMA, gguf_config, hf_config  # noqa: F401 (LLAMA: for peft_lora)
+from formats.tensor_files import is_gguf, read_gguf, read_weights
+from machinery.checks import check_names_and_shapes, exact_dtype
 from machinery.files import write_atomically
 from model import GPT, GPTConfig
 from tasks import byte_encoding, get_tokenizer
@@ -55,21 +59,26 @@ def is_pretrained_lm(name_or_path):
 
 
 def build(config, tensors, source):
-    """Our GPT with config, every tensor copied in from tensors {our name: tensor}; each name and
-    shape is checked, and every tensor of the model must be given (a tied head comes with wte)."""
-    model = GPT(config)
+    """Our GPT with config, every tensor copied in from tensors {our name: tensor}. Checked before
+    the model is made: every tensor a finite real float one, every name and shape the model's (on
+    the meta device), and every tensor of the model given. Float64 weights make a float64 model:
+    nothing is rounded. A tied config whose file holds a head of its own, another tensor than the
+    embedding, loads untied, with that head, as transformers (≥ 5) loads it; the same tensor twice: tied."""
+    tensors, dtype = dict(tensors), exact_dtype(tensors, source)
+    if config.tie_embeddings and "lm_head.weight" in tensors:
+        head, wte = tensors.pop("lm_head.weight"), tensors.get("transformer.wte.weight")
+        if wte is None or head.shape != wte.shape or not torch.equal(head, wte):
+            config, tensors["lm_head.weight"] = replace(config, tie_embeddings=False), head
+    with torch.device("meta"):                            # names and shapes, no memory spent
+        wanted = GPT(config).state_dict()
+    if config.tie_embeddings:
+        del wanted["lm_head.weight"]                      # it comes with wte
+    check_names_and_shapes(tensors, wanted, source)
+    model = GPT(config).to(dtype)
     sd = model.state_dict()
-    needed = {k for k in sd if not (k == "lm_head.weight" and config.tie_embeddings)}
-    for key, tensor in tensors.items():
-        if key not in sd:
-            raise ValueError(f"{source}: unexpected tensor {key!r} for this architecture")
-        if tensor.shape != sd[key].shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(sd[key].shape)}")
-        with torch.no_grad():
+    with torch.no_grad():
+        for key, tensor in tensors.items():
             sd[key].copy_(tensor)
-        needed.discard(key)
-    if needed:
-        raise ValueError(f"{source}: the checkpoint lacks {sorted(needed)[0]} (and {len(needed) - 1} more)")
     return model.eval()
 
 
@@ -77,79 +86,34 @@ def build(config, tensors, source):
 HF_LLAMA = {"input_layernorm": "ln_1", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
             "self_attn.v_proj": "v", "self_attn.o_proj": "attn.c_proj", "post_attention_layernorm": "ln_2",
             "mlp.gate_proj": "mlp.c_gate", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+QKV = r"\.[qkv]\."                                     # our names' q, k and v before they are fused
 GGUF_LLAMA = {"attn_norm": "ln_1", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "attn.c_proj",
               "ffn_norm": "ln_2", "ffn_gate": "mlp.c_gate", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
-LLAMA = dict(bias=False, mlp="glu", norm="rmsnorm", pos="rotary")
 
 
 def rename(tensors, prefix, outer, names, source):
     """{their name: tensor} -> {our name: tensor}. prefix: what starts the names of a block's
     tensors before its number ("model.layers."); outer: their names for wte, ln_f, lm_head;
-    names: their names inside a block."""
-    ours = {}
+    names: their names inside a block. q, k and v must come together (weights, or biases)."""
+    ours, theirs = {}, {}
     for key, tensor in tensors.items():
-        head, leaf = key.rsplit(".", 1)                               # leaf: weight or bias
-        if head in outer:
-            ours[f"{outer[head]}.{leaf}"] = tensor
-            continue
+        head, _, leaf = key.rpartition(".")                           # leaf: weight or bias
         layer, _, part = head.removeprefix(prefix).partition(".")
-        if not head.startswith(prefix) or not layer.isdigit() or part not in names:
+        if head in outer:
+            name = f"{outer[head]}.{leaf}"
+        elif head.startswith(prefix) and layer.isdigit() and part in names:
+            name = f"transformer.h.{layer}.{names[part]}.{leaf}"
+        else:
             raise ValueError(f"{source}: unexpected tensor {key!r} for this architecture")
-        ours[f"transformer.h.{layer}.{names[part]}.{leaf}"] = tensor
-    for key in [k for k in ours if ".q." in k]:            # q, k, v go into one Linear, in that order
-        qkv = [ours.pop(key.replace(".q.", f".{x}.")) for x in "qkv"]
-        ours[key.replace(".q.", ".attn.c_attn.")] = torch.cat(qkv)
+        ours[name], theirs[name] = tensor, key
+    for key in [k for k in ours if re.search(QKV, k)]:    # q, k, v go into one Linear, in that order
+        if key in ours:
+            parts = [re.sub(QKV, f".{x}.", key) for x in "qkv"]
+            if not all(p in ours for p in parts):
+                raise ValueError(f"{source}: {theirs[key]} comes without the rest of q, k and v "
+                                 "(unexpected for this architecture, or the file is damaged)")
+            ours[re.sub(QKV, ".attn.c_attn.", key)] = torch.cat([ours.pop(p) for p in parts])
     return ours
-
-
-def gpt2_config(hf, source):
-    """GPT2Config -> ours. Refused: whatever changes the function and our GPT-2 block cannot do.
-    (reorder_and_upcast_attn only changes the order of float operations: the same function.)"""
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):    # all three: the tanh GELU
-        raise unsupported(source, "activation_function", act)
-    for field, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("add_cross_attention", False)):
-        if hf.get(field, default) != default:
-            raise unsupported(source, field, hf[field])
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_width=hf.get("n_inner") or 0,
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                     tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def llama_config(hf, source):
-    """LlamaConfig -> ours. Refused: scaled or partial rotary, an MLP other than SiLU-gated,
-    biases, a head size other than n_embd / n_head."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers ≥ 5 keeps θ here
-    kind = rope.get("rope_type", rope.get("type", "default"))         # older files: "type"
-    if kind != "default":
-        raise unsupported(source, "rope_scaling", rope)
-    if hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise unsupported(source, "partial_rotary_factor", hf.get("partial_rotary_factor", rope.get("partial_rotary_factor")))
-    if hf.get("hidden_act", "silu") != "silu":
-        raise unsupported(source, "hidden_act", hf["hidden_act"])
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise unsupported(source, field, hf[field])
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise unsupported(source, "head_dim", hf["head_dim"])
-    return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                     n_kv_head=hf.get("num_key_value_heads") or 0, mlp_width=hf["intermediate_size"],
-                     norm_eps=hf["rms_norm_eps"], rope_theta=hf.get("rope_theta", rope.get("rope_theta", 1e4)),
-                     tie_embeddings=hf.get("tie_word_embeddings", False), **LLAMA)
-
-
-def hf_config(folder):
-    """config.json of a Hugging Face directory -> (its dict, our GPTConfig), every field checked."""
-    hf = read_json(os.path.join(folder, "config.json"))
-    if not hf:
-        raise ValueError(f"{folder} is not a Hugging Face model directory (no config.json)")
-    if hf.get("model_type") not in ("gpt2", "llama"):
-        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not supported (gpt2 and llama are)")
-    source = os.path.join(folder, "config.json")
-    return hf, (gpt2_config if hf["model_type"] == "gpt2" else llama_config)(hf, source)
 
 
 def load_hf_dir(folder):
@@ -162,33 +126,15 @@ def load_hf_dir(folder):
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {}
         for key, t in tensors.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue                                      # causal masks; the head comes below
-            ours["transformer." + key.removeprefix("transformer.")] = t.t() if key.endswith(conv1d) else t
-        if not config.tie_embeddings and "lm_head.weight" in tensors:
-            ours["lm_head.weight"] = tensors["lm_head.weight"]    # a head of its own
-        return build(config, ours, folder)
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue                                      # causal masks
+            if key.endswith(conv1d) and t.dim() == 2:
+                t = t.t()
+            ours[key if key == "lm_head.weight" else "transformer." + key.removeprefix("transformer.")] = t
+        return build(config, ours, folder)                    # build decides a tied head
     tensors = {k: t for k, t in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # θ says it
     outer = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
     return build(config, rename(tensors, "model.layers.", outer, HF_LLAMA, folder), folder)
-
-
-def gguf_config(meta, names, n_vocab, path):
-    """llama.* metadata -> our config; refused: scaled or partial rotary, experts, other head sizes."""
-    head_size = meta["embedding_length"] // meta["attention.head_count"]
-    scaling = (meta.get("rope.scaling.type", "none"), meta.get("rope.scaling.factor", 1.0))
-    if scaling[0] != "none" or scaling[1] not in (0.0, 1.0) or "rope_freqs.weight" in names:
-        raise unsupported(path, "llama.rope.scaling.type/factor", f"{scaling[0]}/{scaling[1]}")
-    for field in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if meta.get(field, head_size) != head_size:
-            raise unsupported(path, f"llama.{field}", meta[field])
-    if meta.get("expert_count", 0):
-        raise unsupported(path, "llama.expert_count", meta["expert_count"])
-    return GPTConfig(block_size=meta["context_length"], vocab_size=n_vocab, n_layer=meta["block_count"],
-                     n_head=meta["attention.head_count"], n_kv_head=meta.get("attention.head_count_kv", 0),
-                     n_embd=meta["embedding_length"], mlp_width=meta["feed_forward_length"],
-                     norm_eps=meta["attention.layer_norm_rms_epsilon"], rope_theta=meta.get("rope.freq_base", 1e4),
-                     tie_embeddings="output.weight" not in names, **LLAMA)
 
 
 def load_gguf(path, name):
@@ -211,7 +157,8 @@ def load_gguf(path, name):
     for key, heads in (("attn_q", config.n_head), ("attn_k", config.n_kv_head or config.n_head)):
         for k in [k for k in tensors if k.endswith(f".{key}.weight")]:
             w = tensors[k]
-            tensors[k] = w.reshape(heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+            if w.dim() == 2 and w.shape[0] % (2 * heads) == 0:       # else: build() refuses its shape
+                tensors[k] = w.reshape(heads, -1, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
     outer = {"token_embd": "transformer.wte", "output_norm": "transformer.ln_f", "output": "lm_head"}
     return build(config, rename(tensors, "blk.", outer, GGUF_LLAMA, path), path), enc
 
@@ -276,8 +223,9 @@ def load(name_or_path):
         hf_config(name_or_path)                              # config and tokenizer are checked
         enc = tokenizer_from_json(name_or_path)              # before any weight is read
         return load_hf_dir(name_or_path), enc
-    if not os.path.isfile(name_or_path):
-        raise ValueError(f"{name_or_path} does not exist: give a checkpoint file, a Hugging Face directory, "
+    if not os.path.isfile(name_or_path):                     # missing, or a FIFO or device: never read
+        what = "is not a regular file" if os.path.exists(name_or_path) else "does not exist"
+        raise ValueError(f"{name_or_path} {what}: give a checkpoint file, a Hugging Face directory, "
                          f"a .gguf file, {SMOLLM2} or one of {', '.join(GPT2_NAMES)}")
     if is_gguf(name_or_path):
         return load_gguf(name_or_path, name_or_path)

@@ -31,6 +31,24 @@ def write_files(folder, writers):
                 os.remove(tmp)
 
 
+RUN_FILES = ("results.json", "outcomes.json", "loss.png", "model.pt", "adapters.pt", "resume.pt")  # train.py's
+
+
+def earlier_run(folder):
+    """The files of a train.py run that folder holds, finished or stopped ([] when none)."""
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(folder, name))]
+
+
+def set_aside(folder):
+    """A folder holds one run: move the earlier run, the whole folder, to the next free name
+    <folder>-1, <folder>-2, ... (a rename: nothing is copied or lost). -> that name."""
+    folder, n = os.path.normpath(folder), 1
+    while os.path.lexists(f"{folder}-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}-{n}")
+    return f"{folder}-{n}"
+
+
 def write_atomically(path, write):
     """One file through write_files: write(tmp) fills a temporary file that then replaces path."""
     write_files(os.path.dirname(path), {os.path.basename(path): write})
@@ -58,16 +76,21 @@ def write_text(text):
     return write
 
 
-def read_json(path, kind=dict):
-    """The JSON file at path, which must hold a `kind` (a dict: an object); anything else, or a file
-    that is not JSON, is a one-line ValueError naming the file."""
+def read_json(path, kind=dict, fields=None):
+    """The JSON file at path, which must hold a `kind` (a dict: an object), with fields {name: type}
+    present and of their types if given (JSON's true is no number); anything else, or a file that
+    is not JSON, is a one-line ValueError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}): delete or restore it") from None
     if not isinstance(value, kind):
         raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON {kind.__name__}: delete or restore it")
+    for name, type_ in (fields or {}).items():
+        if not isinstance(value.get(name), type_) or isinstance(value.get(name), bool) and type_ is not bool:
+            raise ValueError(f"{path}: its {name} is missing or not a {type_.__name__} (damaged or edited): "
+                             "delete or restore it")
     return value
 
 

@@ -3,7 +3,8 @@ notebooks/course.py: what only the course's notebooks need; they import it with 
 on sys.path (Adila et al., 2026, "Weight Updates as Activation Shifts"; § as in docs/THEORY.md).
 
 - notebook 2: steers fitted to the oracle, and the paper's metric, KL(tuned ‖ steered) (§6);
-- notebook 3: how much a joint adapter's steer reads and writes where its LoRA writes (§7);
+- notebook 3: how much a joint adapter's steer reads and writes where its LoRA writes (§7), from
+  notebooks/watching.py;
 - the exercise solutions, `solution_<notebook>_<exercise>`: the numbers a lecturer would show.
 """
 import contextlib
@@ -21,6 +22,7 @@ import train
 from experiments import stats
 from formats import adapters, checkpoints
 from model import GPT, gelu_prime
+from watching import joint_parts, overlaps, project_steer_writes, train_watching  # noqa: F401 (notebook 3's)
 
 # ---------------------------------------------------------------------------------------------
 # notebook 2: fitting a map to the oracle, and the KL divergence of the steered model
@@ -48,6 +50,8 @@ def fit_oracle(s, delta, kind, rank=eq.RANK, seeds=(0, 1, 2)):
     """The best `kind` shift of rank r with Δ(s) ≈ δ (s: what the steer reads, (N, n); δ: the
     oracle, (N, d)) -> (shift, None), or for "nonlinear random", the best of several random starts,
     (shift, the share recovered from each start). "nonlinear" and "reft" start at the linear fit."""
+    if kind not in (*ns.SHIFTS, "nonlinear random"):
+        raise ValueError(f"unknown kind {kind!r}: choose one of {', '.join(ns.SHIFTS)}, nonlinear random")
     if kind == "nonlinear random":
         fitted = [fit_in_place(random_start(s, rank, seed), s, delta) for seed in seeds]
         shares = [share_recovered(f, s, delta) for f in fitted]
@@ -130,61 +134,6 @@ def oracle_table(base, tuned, idx_fit, idx_test, rank=eq.RANK, seeds=(0, 1, 2), 
 def majority_baseline(task, seed=0):
     """compare.py's majority-class row: train's commonest completion -> (it, its test accuracy)."""
     return stats.majority_baseline(tasks.make_splits(task, seed))
-
-@torch.no_grad()
-def overlaps(model):
-    """Per block: (‖D V‖/‖D‖, ‖Vᵀ U‖/‖U‖), V an orthonormal basis of col(B) of the LoRA on mlp.c_proj:
-    how much the block_out steer READS (D) and WRITES (U) in the directions the weight update writes.
-    (nan while B = 0.) A random r×d matrix gives about sqrt(r/d) for either."""
-    shares = []
-    for block in model.transformer.h:
-        B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
-        V = torch.linalg.qr(B).Q                                    # (d, r)
-        read = (shift.D @ V).norm().item() / shift.D.norm().item()
-        write = (V.T @ shift.U).norm().item() / max(shift.U.norm().item(), 1e-30)
-        shares.append((read, write) if B.abs().max() > 0 else (float("nan"), float("nan")))
-    return shares
-
-@torch.no_grad()
-def project_steer_writes(model):
-    """U ← (I − V Vᵀ) U per block: the steer no longer WRITES where the MLP's LoRA writes."""
-    for block in model.transformer.h:
-        B, shift = block.mlp.c_proj.lora_B, block.slots["block_out"].shift
-        if B.abs().max() > 0:
-            V = torch.linalg.qr(B).Q
-            shift.U -= V @ (V.T @ shift.U)
-
-def train_watching(argv, every=10, project_writes=False):
-    """train.py's loop for --mode joint, step for step (same seed, batches, lr schedule, constraint),
-    recording overlaps(model) every `every` steps. project_writes: also project the steer's writes
-    (exercise 3.3). -> dict(steps, read, write (per record, per block), losses)."""
-    args = train.resolve_args(train.parse_args(argv))
-    splits = tasks.make_splits(args.task, args.seed, args.n_train)
-    base, enc = checkpoints.load(args.init)          # as train.train: loaded before build_model seeds
-    model = train.build_model(args, "cpu", base)     # the adapters' random init
-    train_x, train_y = tasks.pack(splits["train"], enc, model.config.block_size)
-    optimizer = train.make_optimizer(model, args)
-    batches = torch.Generator().manual_seed(args.seed)
-    log = dict(steps=[], read=[], write=[], losses=[])
-    for step in range(args.steps):
-        for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * train.lr_factor(step, args.steps, args.warmup)
-        rows = torch.randint(len(train_x), (args.batch_size,), generator=batches)
-        _, loss = model(train_x[rows], train_y[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if args.ortho_every and (step + 1) % args.ortho_every == 0:
-            ns.orthogonalize(model)                                  # THEORY §7: D ← D (I − V Vᵀ)
-            if project_writes:
-                project_steer_writes(model)
-        log["losses"].append(loss.item())
-        if (step + 1) % every == 0 or step == args.steps - 1:
-            read, write = zip(*overlaps(model))
-            log["steps"].append(step + 1)
-            log["read"].append(read)
-            log["write"].append(write)
-    return log
 
 # ---------------------------------------------------------------------------------------------
 # the exercise solutions: solution_<notebook>_<exercise>

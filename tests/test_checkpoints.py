@@ -130,6 +130,48 @@ def test_from_pretrained_untransposed_conv1d_weight_is_a_clear_error(tmp_path):
 
 
 
+def damage_header(change):
+    """-> edit(bytes) of a safetensors file: its JSON header changed by change(header)."""
+    def edit(data):
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        change(header)
+        head = json.dumps(header).encode()
+        return len(head).to_bytes(8, "little") + head + data[8 + n:]
+    return edit
+
+
+def set_offsets(name, offsets):
+    return damage_header(lambda header: header[name].update(data_offsets=offsets))
+
+
+DAMAGED_SAFETENSORS = {  # name: (edit of the file's bytes, what the error says)
+    "header length 10^12": (lambda d: (10 ** 12).to_bytes(8, "little") + d[8:], "header length 1000000000000 exceeds"),
+    "header length past the file": (lambda d: (len(d)).to_bytes(8, "little") + d[8:], "exceeds the file"),
+    "header a list": (lambda d: (3).to_bytes(8, "little") + b"[1]" + d[8:], "header is not a JSON object"),
+    "header not JSON": (lambda d: (3).to_bytes(8, "little") + b"{{{" + d[8:], "header is not a JSON object"),
+    "entry a number": (damage_header(lambda h: h.update({"h.0.ln_1.weight": 7})), "dtype None"),
+    "no shape": (damage_header(lambda h: h["h.0.ln_1.weight"].pop("shape")), "no valid shape"),
+    "offsets past the end": (set_offsets("h.0.ln_1.weight", [10 ** 9, 10 ** 9 + 128]), "do not hold its shape"),
+    "offsets too short": (set_offsets("h.0.ln_1.weight", [0, 4]), "do not hold its shape"),
+    "offsets reversed": (set_offsets("h.0.ln_1.weight", [128, 0]), "do not hold its shape"),
+    "negative offset": (set_offsets("h.0.ln_1.weight", [-128, 0]), "no valid shape"),
+    "truncated": (lambda d: d[:len(d) - 100], "do not hold its shape"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_SAFETENSORS)
+def test_a_damaged_safetensors_file_is_one_line_before_any_tensor_is_read(tmp_path, name):
+    edit, match = DAMAGED_SAFETENSORS[name]
+    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), "safetensors", "")
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(edit(data))
+    one_line_error(match, load_hf_dir, folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # a tiny Llama-family model, written as a Hugging Face directory and as a GGUF file
 
@@ -388,6 +430,47 @@ def test_gguf_scaled_or_partial_rotary_is_refused(tmp_path, extra, field):
     one_line_error(field, load, path)
 
 
+def set_field(key, value):
+    """extra= for write_gguf: metadata key set to value (None: left out), after the writer's own."""
+    def edit(writer):
+        import gguf
+        if value is None:
+            writer.kv_data[0].pop(key)
+        else:
+            writer.kv_data[0][key] = gguf.GGUFValue(value, gguf.GGUFValueType.UINT32)
+    return edit
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("llama.attention.head_count", 0, "llama.attention.head_count = 0 must be a whole number ≥ 1"),
+    ("llama.embedding_length", None, "llama.embedding_length is missing"),
+    ("llama.attention.layer_norm_rms_epsilon", None, "llama.attention.layer_norm_rms_epsilon is missing"),
+    ("llama.block_count", None, "llama.block_count is missing"),
+    ("llama.context_length", 0, "llama.context_length = 0")])
+def test_gguf_metadata_missing_or_out_of_range_is_one_line(tmp_path, key, value, match):
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(llama_config()), extra=set_field(key, value))
+    one_line_error(match, load, path)
+
+
+def add_tensors(*names):
+    """extra= for write_gguf: more tensors in the file, as a converter of another architecture adds."""
+    def edit(writer):
+        for name in names:
+            writer.add_tensor(name, np.zeros(32 if "attn_q" in name else 16, dtype=np.float32))
+    return edit
+
+
+@pytest.mark.parametrize("names, match", [
+    (["blk.0.attn_q.bias"], "blk.0.attn_q.bias comes without the rest of q, k and v"),
+    (["blk.0.attn_k.bias"], "blk.0.attn_k.bias comes without the rest of q, k and v"),
+    (["blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"], "unexpected tensor .*attn.c_attn.bias"),
+    (["blk.0.ffn_up.bias"], "unexpected tensor .*mlp.c_fc.bias"),
+    (["blk.0.attn_sinks.weight"], "unexpected tensor 'blk.0.attn_sinks.weight'")])
+def test_gguf_tensors_the_architecture_does_not_have_are_one_line(tmp_path, names, match):
+    path = write_gguf(tmp_path / "tiny.gguf", random_model(llama_config()), extra=add_tensors(*names))
+    one_line_error(match, load, path)
+
+
 def test_gguf_with_its_own_rotary_dimension_loads(tmp_path):
     model = random_model(llama_config())
     loaded, _ = load(write_gguf(tmp_path / "tiny.gguf", model, extra=lambda w: w.add_rope_dimension_count(8)))
@@ -456,6 +539,105 @@ def test_a_recorded_tokenizer_is_never_followed_in_a_chain_nor_fetched(tmp_path,
         random_model(tiny_config(vocab_size=257)).save(str(tmp_path / "other.pt"), tokenizer="bytes")
         random_model(tiny_config(vocab_size=257)).save(path, tokenizer=name)
         one_line_error("records the tokenizer", load, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# every loader checks every value and dtype: finite, real, never rounded
+
+
+def edited_checkpoint(tmp_path, edit, config=None):
+    """Our own checkpoint file, its state dict changed by edit(state) -> its path."""
+    model = random_model(config or tiny_config(vocab_size=257))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit(state)
+    path = str(tmp_path / "edited.pt")
+    torch.save(dict(config=dict(model.config.__dict__), model=state, tokenizer="bytes"), path)
+    return path
+
+
+def test_a_complex_checkpoint_is_refused_not_stripped_of_its_imaginary_part(tmp_path):
+    path = edited_checkpoint(tmp_path, lambda sd: sd.update({k: v.to(torch.complex64) for k, v in sd.items()}))
+    one_line_error("complex64, not a tensor of real floats", load, path)
+    path = edited_checkpoint(tmp_path, lambda sd: sd.update({"transformer.ln_f.bias": sd["transformer.ln_f.bias"].long()}))
+    one_line_error("torch.int64, not a tensor of real floats", load, path)
+
+
+def test_a_float64_checkpoint_loads_as_a_float64_model_exactly(tmp_path):
+    model = random_model(tiny_config(vocab_size=257)).double()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.add_(1e-12)                    # a difference float32 cannot hold
+    model.save(str(tmp_path / "f64.pt"))
+    loaded, _ = load(str(tmp_path / "f64.pt"))
+    assert loaded.transformer.wte.weight.dtype == torch.float64
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_a_float64_safetensors_folder_loads_exactly(tmp_path):
+    model = random_model(llama_config()).double()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.add_(1e-12)                    # a difference float32 cannot hold
+    folder = write_llama_dir(tmp_path / "llama", model)
+    header, blobs, offset = {}, [], 0                                # model.safetensors again, as F64
+    for name, t in llama_tensors(model).items():
+        data = t.contiguous().numpy().astype("<f8").tobytes()
+        header[name] = {"dtype": "F64", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    loaded, _ = load(folder)
+    assert torch.equal(loaded.transformer.ln_f.weight, model.transformer.ln_f.weight)
+
+
+def test_a_hugging_face_folder_with_a_nan_weight_is_refused(tmp_path):
+    model = random_model(llama_config())
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[3, 4] = float("nan")
+    one_line_error("model.layers.1.mlp.down_proj.weight holds NaN|mlp.c_proj.weight holds NaN", load,
+                   write_llama_dir(tmp_path / "llama", model))
+    gguf_model = random_model(llama_config())
+    with torch.no_grad():
+        gguf_model.transformer.ln_f.weight[0] = float("inf")
+    one_line_error("holds NaN or infinity", load, write_gguf(tmp_path / "inf.gguf", gguf_model))
+
+
+def test_our_checkpoint_whose_tied_head_differs_from_its_embedding_is_refused(tmp_path):
+    path = edited_checkpoint(tmp_path, lambda sd: sd.update({"lm_head.weight": torch.randn(257, 32)}))
+    one_line_error("ties lm_head to wte, but it holds two different tensors", load, path)
+
+
+def test_a_config_of_a_million_layers_is_refused_before_anything_is_built(tmp_path):
+    path = edited_checkpoint(tmp_path, lambda sd: None)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["n_layer"] = 10 ** 6
+    torch.save(ckpt, path)
+    one_line_error("n_layer=1000000: at most 1,024", load, path)
+
+
+def test_a_checkpoint_whose_config_asks_for_terabytes_is_refused_before_allocating(tmp_path):
+    path = edited_checkpoint(tmp_path, lambda sd: None)
+    ckpt = torch.load(path, weights_only=True)
+    for vocab, match in ((10 ** 12, "vocab_size=1000000000000: at most"),      # 10^12 x 32 floats: 128 TB
+                         (16_000_000, "does not match its own config: transformer.wte.weight has shape")):  # 2 GB
+        ckpt["config"]["vocab_size"] = vocab
+        torch.save(ckpt, path)
+        one_line_error(match, load, path)
+
+
+def test_gpt_load_of_a_fifo_refuses_instead_of_waiting(tmp_path):
+    from model import GPT
+    fifo = str(tmp_path / "pipe.pt")
+    os.mkfifo(fifo)
+    one_line_error("is not a regular file", GPT.load, fifo)
+    one_line_error("is not a regular file", load, fifo)
+
+
+def test_a_bin_of_something_else_than_named_tensors_is_one_line(tmp_path):
+    folder = write_hf_dir(tmp_path / "gpt2", random_model(tiny_config()), "bin", "")
+    torch.save([torch.zeros(3)], os.path.join(folder, "pytorch_model.bin"))
+    one_line_error("not a mapping of names to tensors", load_hf_dir, folder)
 
 
 def test_a_checkpoint_that_is_not_a_name_or_path_is_a_one_line_error():

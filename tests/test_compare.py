@@ -218,6 +218,22 @@ def test_bad_arguments_are_one_line_and_change_nothing(tmp_path, tiny_base):
         assert folder_bytes(out) == before                            # the old log is untouched
 
 
+def test_bf16_on_a_cpu_without_it_is_said_at_the_start_and_bf16_is_accepted(tmp_path, monkeypatch, tiny_base, capsys):
+    from machinery import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+
+    def no_runs(*args):
+        raise ValueError("(the runs would start here)")
+    monkeypatch.setattr(compare, "run_all", no_runs)
+    args = compare.parse_args(["--init", str(tiny_base), "--quick", "--dtype", "bf16", "--device", "cpu",
+                               "--out-dir", str(tmp_path / "out")])
+    assert args.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="the runs would start here"):
+        compare.main(args)
+    out = capsys.readouterr().out
+    assert "\nwarning: this CPU has no native bf16" in out and "--dtype float32 is faster" in out
+
+
 def test_default_output_folders_differ_per_checkpoint(tmp_path, tiny_base):
     folders = set()
     for sub in ("a", "b"):
@@ -312,6 +328,19 @@ def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tm
     sweeps = 3 + 5 + 5 + 4 + 4 + 3 * 5              # full, lora, vector, joint, attn_out, the rest
     assert len(results["runs"]) == len(stub.calls) == sweeps + 10    # + seed 1 of every method
     assert rows["base"]["listops"] == (0.0, 0.0) and 0.0 < rows["majority"]["listops"][0] < 0.2
+
+
+@pytest.mark.parametrize("damage", [lambda r: r.pop("losses"), lambda r: r.update(losses=["x"]),
+                                    lambda r: r.update(accuracy="high"), lambda r: r.clear()])
+def test_a_rerun_after_a_runs_results_lost_their_fields_is_one_line(tmp_path, monkeypatch, tiny_base, damage):
+    stubbed(tmp_path, monkeypatch, tiny_base, "--methods", "full")
+    path = next((tmp_path / "out" / "runs").glob("listops-full-*-seed0")) / "results.json"
+    results = json.loads(path.read_text())
+    damage(results)
+    path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=rf"^{path}: its \S+ (is missing|are not)") as e:
+        stubbed(tmp_path, monkeypatch, tiny_base, "--methods", "full")
+    assert "\n" not in str(e.value) and "delete or restore it" in str(e.value)
 
 
 def test_a_subset_of_methods_reuses_its_runs_in_the_whole_table(tmp_path, monkeypatch, tiny_base):

@@ -687,7 +687,7 @@ BROKEN = {
     "twice the same place": (lambda p: p["adapters"].append(dict(p["adapters"][0])), "two adapters for one place"),
     "other config": (lambda p: p["base_config"].update(n_head=4), "n_head=4, this model has n_head=2"),
     "config field lost": (lambda p: p["base_config"].pop("rope_theta"), "rope_theta=None"),
-    "older format": (lambda p: (p.update(format="nanosteer-adapters-1"), p.pop("base_fingerprint")),
+    "older format": (lambda p: (p.update(format="nanosteer-adapters-1"), p.pop("base_sha256")),
                      "other base weights"),
 }
 
@@ -711,6 +711,33 @@ def test_adapters_made_on_other_base_weights_are_refused_unless_asked(tmp_path):
     assert len(nanosteer.adapter_parameters(other_base)) == 2 * 2 + 2   # D, U per layer; A, B
     adapters.load(same_base.double(), path)                    # the same base in float64: the same
     adapters.load(random_model(tiny_config()).to(torch.bfloat16), path)  # and in bfloat16
+
+
+def test_the_base_check_covers_every_weight_not_a_sample_of_them(tmp_path):
+    path, base = saved_adapters(tmp_path)
+    for name, tensor in base.state_dict().items():               # every entry, of every tensor
+        for i in (1, tensor.numel() // 3):                         # (the old check read 8 of each)
+            other = copy.deepcopy(base)
+            with torch.no_grad():
+                other.state_dict()[name].view(-1)[i] += 0.5
+            one_line_error("made on other base weights", adapters.load, other, path)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.transformer.ln_f.weight[1] += 1e-6                   # below bfloat16's precision, not float32's
+    one_line_error("made on other base weights", adapters.load, other, path)
+    one_line_error("made on other base weights", adapters.load, other.to(torch.bfloat16).float(), path)
+    adapters.load(other.to(torch.bfloat16), path)                  # held in bfloat16: the base, rounded
+
+
+def test_a_format_2_file_still_loads_onto_its_base_with_the_check_it_was_saved_with(tmp_path):
+    def as_format_2(payload):
+        payload.update(format="nanosteer-adapters-2", base_fingerprint=adapters.sampled_fingerprint(base))
+        del payload["base_sha256"], payload["base_sha256_bf16"]
+    base = random_model(tiny_config())
+    path, _ = saved_adapters(tmp_path, as_format_2)
+    adapters.load(random_model(tiny_config()), path)
+    one_line_error(r"other base weights \(nanosteer-adapters-2: a fingerprint of 8 entries",
+                   adapters.load, random_model(tiny_config(), seed=5), path)
 
 
 def test_load_onto_a_model_that_already_holds_an_adapter_changes_nothing(tmp_path):

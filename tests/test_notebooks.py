@@ -20,6 +20,7 @@ tolerance its first cell states (`close`); and they do it again with torch's CPU
 another instruction set, as a student's machine of another CPU family would run them.
 """
 import base64
+import copy
 import json
 import linecache
 import re
@@ -516,3 +517,29 @@ def test_majority_baseline_is_compares_row_and_the_notebooks_number():
     answer, share = course.majority_baseline("boolq")
     assert (answer, share) == compare.stats.majority_baseline(tasks.make_splits("boolq", 0))
     assert answer == "no" and share == pytest.approx(0.54)        # notebook 3: 'no', 54.0% of the test split
+
+
+# ---------------------------------------------------------------------------------------------
+# misuse of the course's helpers: one line, before any work
+
+
+def test_the_joint_helpers_on_a_model_without_lora_are_one_line_value_errors(tiny, tiny_checkpoint):
+    model, _, _ = tiny
+    steered = copy.deepcopy(model)
+    ns.steer(steered, "block_out", "linear", rank=2)                      # a steer, but no LoRA
+    for candidate in (model, steered):
+        for helper in (course.overlaps, course.project_steer_writes):
+            with pytest.raises(ValueError, match="not a joint model") as e:
+                helper(candidate)
+            assert "\n" not in str(e.value)
+    argv = ["--mode", "activation", "--task", "boolq", "--init", tiny_checkpoint, "--steps", "3",
+            "--batch-size", "4", "--n-train", "20", "--out-dir", "unused"]
+    with pytest.raises(ValueError, match="not a joint model"):
+        course.train_watching(argv)
+
+
+def test_fit_oracle_of_an_unknown_kind_is_a_one_line_value_error():
+    s, delta = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown kind 'bogus': choose one of .*nonlinear random") as e:
+        course.fit_oracle(s, delta, "bogus", rank=2)
+    assert "\n" not in str(e.value)

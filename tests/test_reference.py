@@ -192,6 +192,99 @@ def test_gpt2_settings_our_block_cannot_compute_are_refused(tmp_path, field, val
     one_line_error(f"{field} = {value!r}", checkpoints.load_hf_dir, folder)
 
 # ---------------------------------------------------------------------------------------------
+# two settings for one thing: loaded as transformers itself reads them, checked on its logits
+
+def with_head_of_its_own(folder, same_as_embedding=False):
+    """Add an lm_head.weight to a tied checkpoint's model.safetensors, as an edited file has it."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    embedding = next(t for k, t in tensors.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
+    torch.manual_seed(2)
+    tensors["lm_head.weight"] = embedding.clone() if same_as_embedding else torch.randn_like(embedding)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("make, vocab", [(tiny_llama, 261), (tiny_gpt2, 61)], ids=["llama", "gpt2"])
+def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_does(tmp_path, make, vocab):
+    folder, tied = make(tmp_path)
+    assert tied.config.tie_word_embeddings
+    with_head_of_its_own(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = checkpoints.load_hf_dir(folder)
+    assert max_logit_diff(model, ref, vocab) <= 1e-4           # transformers ≥ 5 keeps the file's head
+    assert not model.config.tie_embeddings
+    with_head_of_its_own(folder, same_as_embedding=True)      # the same tensor twice: tied, as it was
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = checkpoints.load_hf_dir(folder)
+    assert max_logit_diff(model, ref, vocab) <= 1e-4 and model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("changes", [
+    dict(rope_theta=12345.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    dict(rope_theta=12345.0, rope_parameters={"rope_type": "default"}),
+    dict(rope_theta=12345.0, rope_parameters=None, rope_scaling={"rope_type": "default", "rope_theta": 777.0}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 555.0}, rope_scaling={"type": "default",
+                                                                                       "rope_theta": 777.0})])
+def test_duplicate_rotary_settings_are_read_with_transformers_precedence(tmp_path, changes):
+    folder, _ = tiny_llama(tmp_path)
+    edit_config(folder, **changes)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, _ = checkpoints.load(folder)
+    assert max_logit_diff(model, ref, 261) <= 1e-6
+
+
+def test_a_scaled_rope_scaling_beside_a_default_rope_parameters_is_refused(tmp_path):
+    folder, ref = tiny_llama(tmp_path)
+    edit_config(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rope_scaling={"rope_type": "linear", "factor": 4.0})
+    scaled = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert max_logit_diff(scaled, ref, 261) > 1e-4                           # transformers scales
+    one_line_error("rope_scaling", checkpoints.load, folder)
+
+# ---------------------------------------------------------------------------------------------
+# a config.json with a field missing, of the wrong type or out of range: one line naming it
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(rms_norm_eps=None), "rms_norm_eps is missing"),
+    (dict(num_attention_heads=0), "num_attention_heads = 0 must be a whole number ≥ 1"),
+    (dict(hidden_size="32"), "hidden_size = '32' must be a whole number"),
+    (dict(max_position_embeddings=None), "max_position_embeddings is missing"),
+    (dict(num_key_value_heads=2.5), "num_key_value_heads = 2.5"),
+    (dict(rms_norm_eps=-1), "rms_norm_eps = -1 must be a finite number > 0"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings = 'yes' must be true or false"),
+    (dict(rope_parameters=[10000.0]), "rope_parameters = .* must be an object"),
+    (dict(num_hidden_layers=True), "num_hidden_layers = True")])
+def test_a_llama_config_field_missing_or_malformed_is_one_line(tmp_path, changes, match):
+    folder, _ = tiny_llama(tmp_path)
+    edit_config(folder, **changes)
+    one_line_error(match, checkpoints.load, folder)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(n_positions=None), "n_positions is missing"), (dict(n_head=0), "n_head = 0 must be"),
+    (dict(n_inner=0), "n_inner = 0 must be"), (dict(layer_norm_epsilon="1e-5"), "layer_norm_epsilon")])
+def test_a_gpt2_config_field_missing_or_malformed_is_one_line(tmp_path, changes, match):
+    folder, _ = tiny_gpt2(tmp_path)
+    edit_config(folder, **changes)
+    one_line_error(match, checkpoints.load_hf_dir, folder)
+
+
+@pytest.mark.parametrize("content, match", [("[1]", "holds a list, not a JSON dict"),
+                                            ("{", "cannot be read as JSON"), (None, "cannot be read as JSON")])
+def test_a_config_json_that_is_no_object_is_one_line(tmp_path, content, match):
+    folder, _ = tiny_llama(tmp_path)
+    path = os.path.join(folder, "config.json")
+    os.remove(path)
+    if content is None:
+        os.mkdir(path)                                                     # a folder named config.json
+    else:
+        with open(path, "w") as f:
+            f.write(content)
+    one_line_error(match, checkpoints.load, folder)
+
+# ---------------------------------------------------------------------------------------------
 # tokenizers written by Hugging Face tokenizers: the same ids, or refused naming the setting
 
 

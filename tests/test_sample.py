@@ -174,8 +174,9 @@ def test_a_single_sample_streams_whole_characters_only(tiny_base, monkeypatch, c
     (["--num-samples", "0"], "--num-samples must be positive"),
     (["--adapters", "missing.pt"], "adapter file missing.pt does not exist"),
     (["--init", "missing.pt"], "missing.pt does not exist"),
-    (["--max-new-tokens", "100000000"], "exceed the model's context of 128 tokens: use --max-new-tokens ≤ 126"),
-    (["--num-samples", "100000000"], "--num-samples 100000000 needs about"),
+    (["--max-new-tokens", "1000"], "exceed the model's context of 128 tokens: use --max-new-tokens ≤ 126"),
+    (["--max-new-tokens", "100000000"], "--max-new-tokens 100000000 is out of range: it must be at most 100,000"),
+    (["--num-samples", "100000000"], "--num-samples 100000000 is out of range: it must be at most 1,000"),
     (["--chat"], "carries no chat template"),
 ])
 def test_bad_input_is_a_one_line_error(tiny_base, extra, message, capsys):

@@ -374,6 +374,40 @@ def test_bad_input_is_a_one_line_error_before_training(make_args, pattern, tmp_p
     assert_fails_before_training(proc, out, pattern)
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--steps", "99999999999999999999999"), ("--batch-size", "1000000000"), ("--n-train", "10000000000"),
+    ("--n-eval", "1000000"), ("--log-every", "10000000"), ("--ckpt-every", "10000000"), ("--warmup", "10000000"),
+    ("--ortho-every", "10000000"), ("--seed", "18446744073709551616"), ("--seed", "-1")])
+def test_every_size_argument_has_an_upper_bound_with_its_reason(flag, value):
+    with pytest.raises(ValueError, match=rf"^{flag} {value} is out of range: it must be .+ \(.+\)$") as e:
+        train.resolve_args(train.parse_args(["--mode", "joint", flag, value, "--out-dir", "unused"]))
+    assert "\n" not in str(e.value)
+
+
+def test_a_data_line_of_brackets_nested_100k_deep_is_one_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "x"}\n')
+    with pytest.raises(ValueError, match="deep.jsonl line 1: expected a UTF-8 JSON object"):
+        train.resolve_args(train.parse_args(["--mode", "activation", "--data", str(path), "--out-dir", "unused"]))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "has 0 examples"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 7}\n', "line 2: expected"),
+    ("".join(f'{{"prompt": "{i}' + "x" * 300 + '", "completion": "y"}\n' for i in range(3)), "longer than the block size")])
+def test_a_bad_data_file_is_refused_before_the_missing_base_is_pretrained(tmp_path, monkeypatch, capsys, content,
+                                                                          match):
+    monkeypatch.setattr(train, "BASE_CHECKPOINT", str(tmp_path / "base" / "model.pt"))
+    monkeypatch.setitem(train.DEFAULT_STEPS, "pretrain", 2)             # (the code before: a short pretraining)
+    (tmp_path / "data.jsonl").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--mode", "activation", "--data", str(tmp_path / "data.jsonl"), "--device", "cpu",
+                    "--n-eval", "10", "--out-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert "pretraining" not in out and not (tmp_path / "base").exists()
+
+
 @pytest.mark.slow
 def test_a_failed_run_leaves_an_earlier_good_run_untouched(run, base):
     good = run("linear_block_out").out
@@ -415,6 +449,55 @@ def test_the_init_checkpoints_folder_is_refused_as_output(tmp_path, tiny_base):
     assert sha256(tiny_base) == before
 
 
+@pytest.mark.parametrize("reach", ["symlink", "hard link", "dot-dot"])
+def test_the_init_file_is_refused_as_output_whatever_path_reaches_it(tmp_path, tiny_base, reach):
+    goodfull, elsewhere = tmp_path / "goodfull", tmp_path / "X"
+    goodfull.mkdir(), elsewhere.mkdir()
+    (goodfull / "model.pt").write_bytes(tiny_base.read_bytes())
+    init = {"symlink": elsewhere / "latest.pt", "hard link": elsewhere / "hard.pt",
+            "dot-dot": elsewhere / ".." / "goodfull" / "model.pt"}[reach]
+    if reach == "symlink":
+        init.symlink_to(goodfull / "model.pt")
+    elif reach == "hard link":
+        os.link(goodfull / "model.pt", init)
+    before = sha256(goodfull / "model.pt"), sorted(os.listdir(goodfull))
+    proc = train_py("--init", init, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", goodfull)
+    assert proc.returncode == 2 and "holds the --init checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert (sha256(goodfull / "model.pt"), sorted(os.listdir(goodfull))) == before
+
+
+def folder_bytes(folder):
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+def test_a_folder_holds_one_run_the_earlier_one_moves_aside_whole(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    train_ok("--init", tiny_base, *TINY, "--mode", "activation", "--out-dir", out)
+    first = folder_bytes(out)
+    proc = train_ok("--init", tiny_base, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", out)
+    assert f"moved the earlier run in {out} to {out}-1" in proc.stdout
+    assert folder_bytes(tmp_path / "run-1") == first                   # the activation run, whole
+    assert sorted(os.listdir(out)) == ["loss.png", "model.pt", "outcomes.json", "results.json"]  # no adapters.pt
+    proc = train_ok("--init", tiny_base, *TINY, "--mode", "weight", "--lora-rank", "0", "--out-dir", out)
+    assert f"to {out}-2" in proc.stdout and folder_bytes(tmp_path / "run-1") == first   # the same command again
+
+
+def test_a_refused_run_moves_nothing(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    train_ok("--init", tiny_base, *TINY, "--mode", "activation", "--out-dir", out)
+    first = folder_bytes(out)
+    proc = train_py("--init", tiny_base, *TINY, "--mode", "activation", "--rank", "10000", "--out-dir", out)
+    assert proc.returncode == 2 and folder_bytes(out) == first and not (tmp_path / "run-1").exists()
+
+
+def test_a_folder_that_cannot_be_moved_aside_is_refused_before_any_work(tmp_path, tiny_base, monkeypatch):
+    (tmp_path / "results.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--init", str(tiny_base), "--mode", "activation", "--out-dir", "."])
+    with pytest.raises(ValueError, match="holds an earlier run, which a new run moves aside first"):
+        train.resolve_args(args)
+
+
 def test_a_diverged_run_stops_with_one_line_and_leaves_a_good_model_untouched(tmp_path, tiny_base):
     good = tmp_path / "base"
     good.mkdir()
@@ -451,6 +534,29 @@ def test_dtype_is_bf16_on_cuda_and_float32_on_a_cpu_unless_asked():
     assert runtime.pick_dtype("auto", "cpu") == "float32"         # measured: bf16 moved the accuracy
     assert runtime.pick_dtype("bfloat16", "cpu") == "bfloat16"
     assert runtime.pick_dtype("float32", "cuda") == "float32"
+
+
+@pytest.mark.parametrize("typed, meant", [("bf16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")])
+def test_dtype_is_accepted_as_people_type_it(typed, meant):
+    assert train.parse_args(["--dtype", typed]).dtype == meant
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_it_is_said_in_one_line_before_any_work(native, monkeypatch, capsys, tiny_base, tmp_path):
+    from machinery import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+
+    def no_work(config):
+        raise ValueError("(the run would start here)")
+    monkeypatch.setattr(train, "train_once", no_work)
+    with pytest.raises(SystemExit):
+        train.main(["--init", str(tiny_base), "--mode", "activation", "--dtype", "bf16", "--device", "cpu",
+                    "--out-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    warned = [line for line in out.splitlines() if line.startswith("warning: this CPU has no native bf16")]
+    assert len(warned) == (0 if native else 1) and err.strip().endswith("(the run would start here)")
+    if not native:
+        assert warned[0] == out.splitlines()[0] and "float32 is faster" in warned[0] and "slower" in warned[0]
 
 
 def test_the_linear_schedule_and_steerlings_init_are_what_steerling_trains_with():

@@ -25,7 +25,7 @@ from formats.configs import LLAMA, gguf_config, hf_config  # noqa: F401 (LLAMA: 
 from formats.tensor_files import is_gguf, read_gguf, read_weights
 from machinery.checks import check_names_and_shapes, exact_dtype
 from machinery.files import write_atomically
-from model import GPT, GPTConfig
+from model import GPT
 from tasks import byte_encoding, get_tokenizer
 
 SMOLLM2 = "smollm2-135m"

@@ -75,7 +75,7 @@ def table_rows(path):
 def test_quick_comparison_has_every_method_with_sane_numbers(quick):
     print(f"compare.py --quick took {quick['seconds']:.1f} s")
     rows = table_rows(quick["out"] / "results.md")
-    assert sorted(rows) == sorted(compare.LABEL.values())             # every method, and 2 baselines
+    assert sorted(rows) == sorted(compare.LABEL[name] for name in ("majority", "base", *compare.ALL))
     for baseline in ("majority", "base"):
         assert rows[compare.LABEL[baseline]][2:] == ["1", "0", "0.000", "0.0", "–"]
     assert rows[compare.LABEL["majority"]][0] == "65.0 ± 0.0"         # "no": 65 of boolq's 100 test answers
@@ -86,8 +86,8 @@ def test_quick_comparison_has_every_method_with_sane_numbers(quick):
         "reft_mlp_out": L * (2 * d * 4 + 4), "vector_block_out": L * d}
     expected_params["joint"] = expected_params["joint_no_ortho"] = expected_params["lora"] + L * 2 * d * 4
     pct = {}
-    for name, (_, label, _) in compare.METHODS.items():
-        boolq, average, seeds, params, pct[name], seconds, lr = rows[label]   # quick: boolq only
+    for name in compare.ALL:                                         # every row but steerling's recipe
+        boolq, average, seeds, params, pct[name], seconds, lr = rows[compare.LABEL[name]]   # quick: boolq only
         for cell in (boolq, average):
             mean, std = map(float, cell.split(" ± "))
             assert 0.0 <= mean <= 100.0 and std == 0.0               # one seed: no spread
@@ -106,7 +106,7 @@ def test_quick_comparison_writes_results_chart_and_progress(quick):
     runs, budget = results["runs"], dict(zip(compare.BUDGET_KEYS, compare.BUDGETS["nano-quick"]))
     assert results["config"] == {**results["config"], **budget, "tasks": ["boolq"],
                                  "seeded": list(budget["seeded"])}             # the budget, as run
-    assert sorted(r["method"] for r in runs) == sorted(compare.METHODS)   # each method once: 1 task, 1 seed
+    assert sorted(r["method"] for r in runs) == sorted(compare.ALL)       # each method once: 1 task, 1 seed
     for r in runs:
         assert r["phase"] == "final" and r["task"] == "boolq" and r["seed"] == 0
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
@@ -122,7 +122,7 @@ def test_quick_comparison_writes_results_chart_and_progress(quick):
     assert len(progress) == 10
     assert (quick["out"] / "progress.log").read_text().splitlines() == progress
     outcomes = json.load(open(quick["out"] / "outcomes.json"))     # each final run's, prompt by prompt
-    assert sorted(outcomes) == sorted(f"boolq/{name}/seed0" for name in compare.METHODS)
+    assert sorted(outcomes) == sorted(f"boolq/{name}/seed0" for name in compare.ALL)
     for r in runs:
         test = outcomes[f"boolq/{r['method']}/seed0"]
         assert len(test) == 100 and test.count("1") == round(100 * r["accuracy"])
@@ -302,7 +302,7 @@ def test_every_method_sweeps_its_own_rate_best_validation_wins_and_edges_grow(tm
     rows, results, table, stub = stubbed(tmp_path, monkeypatch, tiny_base)
     chosen = {name: lrs["listops"] for name, lrs in results["chosen_lrs"].items()}
     tried = {name: [r["lrs"] for r in results["runs"] if r["method"] == name and r["seed"] == 0]
-             for name in compare.METHODS}
+             for name in compare.ALL}
     assert chosen["full"] == {"--lr": 1e-3}                          # the best validation accuracy
     assert chosen["linear_block_out"] == {"--lr": 1e-2}              # a tie: the lowest final loss
     # every shift kind and site at its own rate: pre-MLP's best is at its grid's top, so its grid
@@ -453,7 +453,7 @@ def test_the_verdict_budget_estimates_its_time_and_seeds_the_claims_methods(tmp_
     hours = [plan * 300 * compare.STEP_SECONDS[d] / 3600 for d in ("bfloat16", "float32")]
     assert first_lines[1].startswith(f"training alone: about {hours[0]:.1f} h in bfloat16 or "
                                      f"{hours[1]:.1f} h in float32")
-    for name in compare.METHODS:
+    for name in compare.ALL:
         seeds = sorted(r["seed"] for r in runs if r["method"] == name and r["phase"] == "final")
         assert seeds == ([0, 1, 2] if name in compare.IN_CLAIMS else [0])
     claims = {line.split(" | ")[0].strip("| "): line.split(" | ")

@@ -193,6 +193,9 @@ def read_factors(model, config, tensors, source):
             if t is None or tuple(t.shape) != shape or not torch.isfinite(t).all():
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
                 raise ValueError(f"{source}: {name}.{which}.weight is {got}; this model needs {shape}, finite")
+            if not torch.equal(t.to(W.dtype).to(t.dtype), t):        # float64 factors on a float32 model
+                raise ValueError(f"{source}: {name}.{which}.weight is {t.dtype} with values a {W.dtype} model "
+                                 "would round; load it onto a float64 model, or save the factors as F32")
     return factors
 
 

@@ -216,7 +216,17 @@ def test_peft_files_that_do_not_match_the_base_are_refused(tiny, tmp_path):
     gpt2, _, _ = tiny["gpt2"]                                    # a Llama adapter on a GPT-2
     one_line_error("is not a Linear of this model's blocks", load_peft, copy.deepcopy(gpt2), str(tmp_path))
     one_line_error("not a peft adapter folder", load_peft, copy.deepcopy(base), str(tmp_path / "none"))
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10" + bytes(30))      # a damaged file
+    edit(tmp_path, target_modules=["q_proj", "v_proj"])
+    import safetensors.torch                                     # peft's own requirement
+    weights = tmp_path / "adapter_model.safetensors"
+    factors = {k: v.double() for k, v in safetensors.torch.load_file(weights).items()}
+    factors[next(iter(factors))][0, 0] += 1e-12                  # a float64 value float32 cannot hold
+    safetensors.torch.save_file(factors, weights)
+    one_line_error("torch.float64 with values a torch.float32 model would round", load_peft,
+                   copy.deepcopy(base), str(tmp_path))
+    exact = load_peft(copy.deepcopy(base).double(), str(tmp_path))           # a float64 model holds them
+    assert any(p.dtype == torch.float64 for n, p in exact.named_parameters() if "lora_A" in n)
+    weights.write_bytes(b"\x10" + bytes(30))                                # a damaged file
     one_line_error("is not a safetensors file", load_peft, copy.deepcopy(base), str(tmp_path))
 
 

@@ -478,3 +478,31 @@ def test_the_curve_budgets_run_steerlings_recipe_at_its_own_rate_and_warmup(tiny
     with pytest.raises(ValueError, match="recipe_block_out runs only with a budget"):
         compare.parse_args(["--init", str(tiny_base), "--methods", "recipe_block_out", "--out-dir", str(tmp_path / "b")])
 
+
+
+def test_the_curve_reads_each_budgets_table_and_pairs_its_seeds(tmp_path, monkeypatch):
+    """experiments/curve.py on two made-up tables: each budget's accuracies and paired comparisons
+    are stats' own numbers over the seeds both methods ran; a budget not run yet is left out."""
+    from experiments import curve
+    right = lambda n: "1" * n + "0" * (100 - n)                              # n of 100 prompts right
+    tables = {"verdict": (300, {"full": [90, 80], "linear_block_out": [85, 70]}),
+              "curve-1000": (1000, {"full": [95], "linear_block_out": [94], "recipe_block_out": [96, 50]})}
+    for name, (steps, methods) in tables.items():
+        folder = tmp_path / "results" / "smollm2" / name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"config": {"steps": steps, "batch_size": 16}}))
+        (folder / "outcomes.json").write_text(json.dumps(
+            {f"listops/{m}/seed{s}": right(n) for m, ns in methods.items() for s, n in enumerate(ns)}))
+    monkeypatch.setattr(curve, "ROOT", tmp_path)
+    found = curve.budgets()
+    assert [(steps, seen) for steps, seen, _ in found] == [(300, 4800), (1000, 16000)]
+    runs = found[1][2]
+    assert curve.compare(runs, "linear_block_out", "full", "within")[4] == 1             # seed 0 only
+    diff, low, high = stats.paired_interval([(right(85), right(90)), (right(70), right(80))])
+    assert curve.compare(found[0][2], "linear_block_out", "full", "within") == (
+        diff, low, high, stats.verdict("within", low, high), 2)
+    assert diff == -7.5
+    text = curve.table(found)
+    assert f"| 300 | claim 1: post-block − full fine-tuning | -7.5 | 2 | [{low:+.1f}, {high:+.1f}] |" in text
+    assert "| 1000 | steerling's recipe − post-block (ours) | +2.0 | 1 |" in text
+    assert "| 300 | steerling's recipe" not in text                                # it did not run there

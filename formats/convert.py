@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from formats import adapters, checkpoints  # noqa: E402
 from formats.control_vectors import load_cvec, save_cvec  # noqa: E402
-from formats.peft_lora import load_peft, save_peft  # noqa: E402
+from formats.peft_lora import CONFIG, WEIGHTS, load_peft, save_peft  # noqa: E402
 from machinery.checks import OneLineParser  # noqa: E402
 from nanosteer import LoRALinear  # noqa: E402
 
@@ -41,8 +41,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_new(args):
+    """What convert.py writes must not exist yet: nothing a user saved is overwritten."""
+    if args.to_peft:        # the folder may exist (empty, or holding other files), the adapter not
+        out, taken = args.to_peft, any(os.path.exists(os.path.join(args.to_peft, f)) for f in (CONFIG, WEIGHTS))
+    else:
+        out = args.to_cvec or args.adapters          # --from-* write --adapters
+        taken = os.path.exists(out)
+    if taken:
+        raise ValueError(f"{out} already holds {'a peft adapter' if args.to_peft else 'a file'}: give a "
+                         "new name (convert.py never overwrites)")
+
+
 def convert(args):
     """Do what the arguments say -> the line to print."""
+    check_new(args)
     model, _ = checkpoints.load(args.init)
     if args.to_peft or args.to_cvec:
         adapters.load(model, args.adapters)

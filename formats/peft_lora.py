@@ -140,29 +140,39 @@ def check_config(config, model, source):
         raise refuse("r")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
         raise refuse("lora_alpha")
-    if not isinstance(config.get("target_modules"), (str, list)):
-        raise ValueError(f"{source}: target_modules must name the modules (a list or a pattern), "
-                         f"not {config.get('target_modules')!r}")
+    targets = config.get("target_modules")
+    if not isinstance(targets, (str, list)):
+        raise ValueError(f"{source}: target_modules must name the modules (a list or a pattern), not {targets!r}")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{source}: target_modules {targets!r} is not a regular expression ({e})") from None
     only = config.get("layers_to_transform")
+    if isinstance(targets, str) and only not in (None, []):
+        raise ValueError(f"{source}: layers_to_transform cannot be used with a pattern target_modules "
+                         "(peft refuses it too)")
     if only is not None and not (isinstance(only, int) or isinstance(only, list) and all(
             isinstance(layer, int) for layer in only)):
         raise refuse("layers_to_transform")
     pattern = "h" if family(model) == "gpt2" else "layers"     # where the block number sits
-    if only is not None and config.get("layers_pattern") not in (None, pattern, [pattern]):
+    if only not in (None, []) and config.get("layers_pattern") not in (None, pattern, [pattern]):
         raise refuse("layers_pattern")
     return r, alpha
 
 
 def targeted(config, name, layer):
-    """peft's rule: a module gets LoRA when target_modules (a list) holds its name or the end of
-    it after a dot, or (a string) matches all of it, and its block is in layers_to_transform."""
+    """peft's rule (its check_target_module_exists): a pattern (a string) must match the whole name;
+    a list names a module whole, in any block, or by the end of its name after a dot, and only that
+    second way is limited to the blocks of layers_to_transform (None or []: every block)."""
     targets = config["target_modules"]
     if isinstance(targets, str):
-        hit = re.fullmatch(targets, name) is not None
-    else:
-        hit = any(name == t or name.endswith("." + t) for t in targets)
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
     only = config.get("layers_to_transform")
-    return hit and (only is None or layer in ([only] if isinstance(only, int) else only))
+    in_blocks = only in (None, []) or layer in ([only] if isinstance(only, int) else only)
+    return in_blocks and any(name.endswith("." + t) for t in targets)
 
 
 def read_factors(model, config, tensors, source):
@@ -195,7 +205,7 @@ def read_factors(model, config, tensors, source):
                 raise ValueError(f"{source}: {name}.{which}.weight is {got}; this model needs {shape}, finite")
             if not torch.equal(t.to(W.dtype).to(t.dtype), t):        # float64 factors on a float32 model
                 raise ValueError(f"{source}: {name}.{which}.weight is {t.dtype} with values a {W.dtype} model "
-                                 "would round; load it onto a float64 model, or save the factors as F32")
+                                 f"would round; load it onto a {t.dtype} model")
     return factors
 
 
@@ -208,7 +218,7 @@ def plan_lora(model, config, factors):
             continue
         shared = all(torch.equal(ab["lora_A"], pieces[0][1]["lora_A"]) for _, ab in pieces)
         As = [pieces[0][1]["lora_A"]] if shared else [ab["lora_A"] for _, ab in pieces]
-        B = torch.zeros(child.weight.shape[0], r * len(As))
+        B = torch.zeros(child.weight.shape[0], r * len(As), dtype=child.weight.dtype)
         for i, (rows, ab) in enumerate(pieces):
             j = 0 if shared else i                  # which r columns of B: the A it shares
             B[rows, j * r:(j + 1) * r] = ab["lora_B"]

@@ -110,15 +110,15 @@ class KVCache:
         self.size, self.length, self.k, self.v = size, 0, None, None
 
     def add(self, k, v):                                    # k, v (B, nkv, T, hs): the new tokens'
-        t, T = self.length, k.shape[2]
-        if t and T > 1:   # the attention's mask serves a prompt into an empty cache, or one token
+        t0, T = self.length, k.shape[2]
+        if t0 and T > 1:   # the attention's mask serves a prompt into an empty cache, or one token
             raise ValueError("a KVCache takes the prompt first, then one token at a time")
         if self.k is None:
             self.k = k.new_empty(k.shape[0], k.shape[1], self.size, k.shape[3])
             self.v = torch.empty_like(self.k)
-        self.k[:, :, t:t + T], self.v[:, :, t:t + T] = k, v
-        self.length = t + T
-        return self.k[:, :, :t + T], self.v[:, :, :t + T]          # (B, nkv, t + T, hs): all so far
+        self.k[:, :, t0:t0 + T], self.v[:, :, t0:t0 + T] = k, v
+        self.length = t0 + T
+        return self.k[:, :, :t0 + T], self.v[:, :, :t0 + T]        # (B, nkv, t0 + T, hs): all so far
 
 
 class CausalSelfAttention(nn.Module):
@@ -139,19 +139,20 @@ class CausalSelfAttention(nn.Module):
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)                   # (B, nh, T, hs)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)                # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # v: the values (not a steer)
         t0 = 0 if cache is None else cache.length       # with a KVCache, x holds the new tokens
         if self.rope_theta is not None:
             q, k = rotary(q, self.rope_theta, t0), rotary(k, self.rope_theta, t0)
         if cache is not None:
             k, v = cache.add(k, v)                      # (B, nkv, T_k, hs): T_k = t0 + T tokens
-        p = self.dropout if self.training else 0.0
+        dropout_p = self.dropout if self.training else 0.0
         # with n_kv_head < n_head, query head i attends with key/value head i // (n_head / n_kv_head)
         # T = T_k: causal. One new query sees every key: no mask (is_causal is top-left: key 0 only)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T == k.shape[2],
-                                           enable_gqa=self.n_kv_head != self.n_head)    # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == k.shape[2],
+                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        heads = heads.transpose(1, 2).contiguous().view(B, T, C)                         # side by side
+        return self.resid_dropout(self.c_proj(heads))
 
 
 def gelu(u):
@@ -279,6 +280,8 @@ class GPT(nn.Module):
     def features(self, idx, caches=None):
         """idx (B, T) -> the last norm's output (B, T, C), what lm_head reads (caches: stream's)."""
         B, T = idx.shape
+        if caches is not None and len(caches) != len(self.transformer.h):
+            raise ValueError(f"{len(caches)} caches for {len(self.transformer.h)} blocks: give one KVCache a block")
         t0 = 0 if caches is None else caches[0].length
         if t0 + T > self.config.block_size:
             raise ValueError(f"sequence of {t0 + T} tokens is longer than block_size {self.config.block_size}")

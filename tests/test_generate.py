@@ -182,3 +182,10 @@ def test_a_top_k_below_one_is_a_one_line_error_not_an_index_error():
         with pytest.raises(ValueError, match="top_k must be a whole number"):
             model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_k=bad)
     assert model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_k=1).shape == (1, 5)
+
+
+def test_features_refuses_fewer_caches_than_blocks():
+    model = adapted("gpt2", torch.float32)
+    with pytest.raises(ValueError, match="1 caches for 2 blocks: give one KVCache a block") as e:
+        model.features(tokens(model.config, B=1, T=4), [KVCache(16)])
+    assert "\n" not in str(e.value)

@@ -89,7 +89,8 @@ def sample(args, out=None):
     if out is not None:
         print(utf8.decode(b"", final=True), flush=True, file=out)   # and the line's end
     n, seconds = len(steps) * args.num_samples, time.perf_counter() - start  # the prompt's pass too
-    print(f"sample.py: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s", file=sys.stderr)
+    print(f"sample.py: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s (the prompt's pass included)",
+          file=sys.stderr)
     texts = []
     for row in torch.cat([idx, *steps], dim=1)[:, len(prompt):].tolist():
         ends = [i for i, token in enumerate(row) if token in stop]

@@ -20,7 +20,7 @@ import nanosteer as ns
 import tasks
 import train
 from experiments import stats
-from formats import adapters, checkpoints
+from formats import adapters
 from model import GPT, gelu_prime
 from watching import joint_parts, overlaps, project_steer_writes, train_watching  # noqa: F401 (notebook 3's)
 

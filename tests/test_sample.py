@@ -131,7 +131,7 @@ def test_sample_py_prints_prompt_and_continuation(tiny_base, adapter_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (expected,) = sample.sample(sample.parse_args([str(a) for a in argv]))
     assert proc.stdout == "[MAX 1 2]=" + expected + "\n"
-    assert proc.stderr.startswith("sample.py: 6 tokens in ") and proc.stderr.endswith(" tokens/s\n")
+    assert proc.stderr.startswith("sample.py: 6 tokens in ") and proc.stderr.endswith(" tokens/s (the prompt's pass included)\n")
 
 
 class Recorder(io.StringIO):

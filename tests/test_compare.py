@@ -471,10 +471,10 @@ def test_the_curve_budgets_run_steerlings_recipe_at_its_own_rate_and_warmup(tiny
     steerling's init and a linear schedule after 3% warmup. Elsewhere the recipe is refused."""
     args = compare.parse_args(["--init", str(tiny_base), "--budget", "lm-1000", "--steps", "200",
                                "--methods", "full,linear_block_out,recipe_block_out", "--out-dir", str(tmp_path)])
-    assert args.grid["recipe"] == [9e-4] and args.grid["shift"] == [1e-3, 3e-3]
+    assert args.grid["recipe"] == [9e-4] and args.grid["shift"] == [3e-4, 1e-3, 3e-3]
     line = " ".join(compare.train_argv(args, "recipe_block_out", "listops", 0, {"--lr": 9e-4}, "x"))
     assert "--adapter nonlinear --site block_out --shift-init steerling --schedule linear --warmup 6" in line
-    assert [compare.planned_runs(args, m) for m in args.methods] == [3, 4, 1]     # full: 1 rate, 3 seeds
+    assert [compare.planned_runs(args, m) for m in args.methods] == [3, 5, 1]     # full: 1 rate, 3 seeds
     with pytest.raises(ValueError, match="recipe_block_out runs only with a budget"):
         compare.parse_args(["--init", str(tiny_base), "--methods", "recipe_block_out", "--out-dir", str(tmp_path / "b")])
 

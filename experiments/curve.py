@@ -98,11 +98,16 @@ def figure(found, path):
         for steps, seen, runs in found:
             claim = compare(runs, *COMPARISONS[0][:3])
             if claim:
-                ax.annotate(f"{steps} steps: {claim[0]:+.1f}\n{claim[3].replace('cannot tell at', 'cannot tell,')}",
-                            (seen, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=12)
+                word = claim[3].replace("cannot tell at", "cannot tell,")
+                ax.annotate(f"{claim[0]:+.1f} ({claim[4]} seed{'s' * (claim[4] > 1)})\n{word}", (seen, 0.03),
+                            xycoords=("data", "axes fraction"), ha="center", fontsize=12)
         ax.set(xscale="log", xlabel="training examples seen (steps × 16)", ylabel="test accuracy (%)",
                title="SmolLM2-135M on listops: post-block against full fine-tuning\n"
                      "(claim 1 at each budget: post-block − full, points)")
+        ax.set_xticks([seen for _, seen, _ in found], [f"{seen:,}\n({steps} steps)" for steps, seen, _ in found])
+        ax.set_xticks([], minor=True)
+        ax.set_xlim(found[0][1] / 1.6, found[-1][1] * 1.6)
+        ax.set_ylim(ax.get_ylim()[0] - 3, ax.get_ylim()[1])            # room for the verdicts
         ax.legend(loc="upper left")
         fig.savefig(path, dpi=150, bbox_inches="tight")
         plt.close(fig)

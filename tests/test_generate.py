@@ -4,8 +4,9 @@ without one: with every shift kind in every slot, with LoRA, with both, on GPT-2
 Llama-style (rmsnorm, rotary, glu, n_kv_head < n_head) models, in float32 and float64, cached
 greedy generation gives the same tokens as repeated argmax over the uncached model, and each
 step's logits agree (1e-5 in float32, 1e-12 in float64). Also past the window's edge (block_size
-16, 40 new tokens), with capture, and on the real SmolLM2 with a post-block steer (1e-4: see there;
-skipped without it). The checks are shown to fail on a wrong position or a top-left causal mask.
+16, 40 new tokens), with capture, and on the real SmolLM2: with a post-block steer in float32
+(1e-4: see there), and with every shift kind in every slot, with and without LoRA, in float64 (1e-10);
+skipped without it. The checks are shown to fail on a wrong position or a top-left causal mask.
 
 Run:  python -m pytest tests/test_generate.py -q
 """
@@ -174,6 +175,33 @@ def test_smollm2_with_a_post_block_steer_cached_is_uncached():
         shift.U.data.normal_(std=0.5)
     out = assert_cached_is_uncached(model, prompt, 8, 1e-4)
     assert not torch.equal(out, steer_free)                            # the steer does act
+
+
+@needs_smollm2
+@pytest.mark.parametrize("with_lora", [False, True], ids=["shifts", "shifts+lora"])
+def test_smollm2_in_float64_every_shift_kind_in_every_slot_cached_is_uncached(with_lora):
+    """SmolLM2 in float64, every slot of every layer holding a shift (the four kinds in turn over
+    the six sites, so each kind sits at several sites), with and without LoRA on every Linear: the
+    same tokens, and each step's logits within 1e-10 of the uncached ones (float64 leaves only
+    round-off, which the float32 test above cannot separate from the matmul's row blocking)."""
+    from formats import checkpoints
+    model, enc = checkpoints.load("smollm2-135m")
+    model = model.to(torch.float64).eval()
+    prompt = torch.tensor([enc.encode("The capital of France is")])
+    with torch.no_grad():
+        steer_free = model(prompt)[0][:, -1]
+    kinds = list(nanosteer.SHIFTS)
+    for i, site in enumerate(SITES):
+        nanosteer.steer(model, site, kinds[i % len(kinds)], rank=2)
+    if with_lora:
+        nanosteer.lora(model, rank=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in nanosteer.adapter_parameters(model).values():
+            p.copy_(0.01 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        steered = model(prompt)[0][:, -1]
+    assert (steered - steer_free).abs().max() > 1e-2                      # the adapters do act
+    assert_cached_is_uncached(model, prompt, 6, 1e-10)
 
 
 def test_a_top_k_below_one_is_a_one_line_error_not_an_index_error():

@@ -229,8 +229,9 @@ def fold(model):
             names = ("c_fc", "c_gate") if site == "mlp_in" else ("c_proj",)
             linears = [getattr(part, name) for name in names if hasattr(part, name)]
             kind, on_stream = shift.kind, site in ("resid_mid", "block_out")  # on the skip path
+            skip = "x" if site == "resid_mid" else "p"                  # what the skip path carries
             why = {"U σ(D s) is not affine in s": kind == "nonlinear",
-                   "its U D p reads the skip path": kind != "vector" and on_stream,
+                   f"its U D {skip} reads the skip path": kind != "vector" and on_stream,
                    "its Linear has LoRA: nanosteer.merge first": LoRALinear in map(type, linears),
                    "fold adds no bias": kind != "linear" and linears[0].bias is None}
             reasons = [reason for reason, bad in why.items() if bad]

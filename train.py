@@ -189,7 +189,7 @@ def make_optimizer(model, config):
 
 def lr_factor(step, steps, warmup=50, schedule="cosine"):
     """Linear warmup, then a cosine decay to 10% of the peak, or (schedule "linear", Hugging Face's)
-    a straight line to 0 at the last step. (A run of fewer than warmup steps never reaches the peak.)"""
+    a straight line to 0 at the last step. (A run shorter than the warmup never peaks.)"""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "linear":

@@ -5,7 +5,7 @@ Llama-style (rmsnorm, rotary, glu, n_kv_head < n_head) models, in float32 and fl
 greedy generation gives the same tokens as repeated argmax over the uncached model, and each
 step's logits agree (1e-5 in float32, 1e-12 in float64). Also past the window's edge (block_size
 16, 40 new tokens), with capture, and on the real SmolLM2: with a post-block steer in float32
-(1e-4: see there), and with every shift kind in every slot, with and without LoRA, in float64 (1e-10);
+(3e-4: see there), and with every shift kind in every slot, with and without LoRA, in float64 (1e-10);
 skipped without it. The checks are shown to fail on a wrong position or a top-left causal mask.
 
 Run:  python -m pytest tests/test_generate.py -q
@@ -168,9 +168,11 @@ def test_rotary_angles_kept_from_an_inference_mode_forward_still_train():
 
 @needs_smollm2
 def test_smollm2_with_a_post_block_steer_cached_is_uncached():
-    """SmolLM2 in float32: the same tokens; logits within 1e-4, not 1e-5: its logits reach ~20,
-    where a float32 ulp is 2e-6, and a one-row matmul rounds unlike a (T, C) block (the head on
-    the last row alone vs on every row already differs by 2e-5, with or without a cache)."""
+    """SmolLM2 in float32: the same tokens; logits within 3e-4, not 1e-5: they reach ~26, where a
+    float32 ulp is 2e-6, and a one-row matmul rounds unlike a (T, C) block (the head on the last row
+    alone vs on every row already differs by 2e-5, with or without a cache). The largest gap seen
+    here was 0.9e-4 with AVX-512 kernels, 1.3e-4 with AVX2, 1.2e-4 with the baseline ones: 3e-4 is
+    about 1e-5 of the logits' size on every CPU family. float64 below leaves round-off only."""
     from formats import checkpoints
     model, enc = checkpoints.load("smollm2-135m")
     prompt = torch.tensor([enc.encode("The capital of France is")])
@@ -178,7 +180,7 @@ def test_smollm2_with_a_post_block_steer_cached_is_uncached():
     torch.manual_seed(0)
     for shift in nanosteer.steer(model, "post_block", "linear", rank=4):
         shift.U.data.normal_(std=0.5)
-    out = assert_cached_is_uncached(model, prompt, 8, 1e-4)
+    out = assert_cached_is_uncached(model, prompt, 8, 3e-4)
     assert not torch.equal(out, steer_free)                            # the steer does act
 
 
